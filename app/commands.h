@@ -1,0 +1,11 @@
+// Subcommands of the q3vl CLI; each takes the arguments after its name and returns the exit code.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace q3vl::app {
+
+int run_selfcheck(const std::vector<std::string>& args);
+
+}  // namespace q3vl::app
