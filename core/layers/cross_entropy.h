@@ -1,0 +1,31 @@
+// Softmax cross-entropy over a large vocabulary (151,936 for Qwen3) with ignore index -100.
+// The forward streams each row in vocabulary chunks with an online max/sum, so no probability matrix is
+// formed; the backward writes the gradient into dlogits, which may alias logits, so the full
+// [tokens, vocab] probabilities never exist beside the logits.
+#pragma once
+
+#include <cstdint>
+
+#include "core/tensor.h"
+
+namespace q3vl {
+
+constexpr int64_t kIgnoreIndex = -100;
+constexpr int64_t kVocabChunk = 8192;
+
+struct CrossEntropySum {
+  double sum = 0;     // sum of per-token losses over non-ignored tokens
+  int64_t count = 0;  // non-ignored tokens
+  double mean() const { return count > 0 ? sum / static_cast<double>(count) : 0.0; }
+};
+
+// logits [N, V], labels i64 [N] (kIgnoreIndex or in [0, V)), lse [N] written (saved for the backward).
+CrossEntropySum cross_entropy_forward(const Tensor& logits, const Tensor& labels, const Tensor& lse);
+
+// dlogits[i] = scale * (softmax(logits[i]) - onehot(labels[i])) for valid rows, 0 for ignored rows.
+// scale is dloss / normaliser, e.g. 1 / count for the mean (or 1 / global token count when accumulating
+// micro-batches). dlogits may be the same tensor as logits.
+void cross_entropy_backward(const Tensor& logits, const Tensor& labels, const Tensor& lse, double scale,
+                            const Tensor& dlogits);
+
+}  // namespace q3vl
