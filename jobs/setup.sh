@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs the Debian packages q3vl builds with, only those that are missing (needs root or sudo).
+# GoogleTest and Google Benchmark are listed too so a bare Debian 12 machine gets everything.
+set -euo pipefail
+
+packages=(cmake make g++ ccache libeigen3-dev libyaml-cpp-dev libhdf5-dev libopenmpi-dev openmpi-bin
+          nlohmann-json3-dev libgtest-dev libbenchmark-dev)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  sudo_cmd=()
+  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+  echo "setup: all build dependencies present"
+fi

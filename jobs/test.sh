@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Builds and runs every test: the Release build under CTest, then the same suite built with
+# AddressSanitizer + UndefinedBehaviorSanitizer (skip it with --no-sanitize). Exits non-zero on any failure.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+sanitize=1
+for a in "$@"; do
+  case "$a" in
+    --no-sanitize) sanitize=0 ;;
+    *) echo "test.sh: unknown option $a" >&2; exit 2 ;;
+  esac
+done
+
+bash "$root/jobs/setup.sh"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+
+echo "== Release build and tests"
+bash "$root/jobs/build.sh" "$root/build"
+(cd "$root/build" && ctest --output-on-failure)
+cat "$root/build/gradcheck_report.txt"
+
+if ((sanitize)); then
+  echo "== AddressSanitizer + UndefinedBehaviorSanitizer build and tests"
+  bash "$root/jobs/build.sh" "$root/build-asan" -DQ3VL_SANITIZE=ON -DQ3VL_BENCHMARKS=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo
+  # detect_leaks=0: libgomp keeps its thread pool alive at exit, which LeakSanitizer reports as a leak.
+  (cd "$root/build-asan" && ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+     ctest --output-on-failure)
+fi
+echo "test.sh: all tests passed"
