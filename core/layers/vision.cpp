@@ -1,0 +1,336 @@
+// Patch embedding, bilinear position-embedding resampling and the patch merger of the vision tower.
+#include "core/layers/vision.h"
+
+#include <algorithm>
+
+#include "core/layer_checks.h"
+#include "core/layers/activations.h"
+#include "core/layers/linear.h"
+#include "core/layers/norms.h"
+
+namespace q3vl {
+
+namespace {
+
+// ---- Patch embedding helpers ----
+
+void check_geometry(const char* L, const PatchEmbedGeometry& g) {
+  Q3VL_CHECK(g.in_channels > 0 && g.temporal_patch > 0 && g.patch > 0, L,
+             ": patch geometry must be positive, got in_channels ", g.in_channels, ", temporal_patch ",
+             g.temporal_patch, ", patch ", g.patch);
+}
+
+// The conv weight [D, C, T, P, P] (or already flat [D, F]) viewed as the Linear weight [D, F].
+Tensor flat_conv_weight(const char* L, const char* name, const PatchEmbedGeometry& g, const Tensor& w, DType dt,
+                        int64_t out) {
+  Q3VL_CHECK(w.defined(), L, ": ", name, " is missing");
+  if (w.ndim() == 5) {
+    require(L, name, w, dt, {out, g.in_channels, g.temporal_patch, g.patch, g.patch});
+    return w.view({w.size(0), g.features()});
+  }
+  Q3VL_CHECK(w.ndim() == 2, L, ": ", name, " has shape ", w.shape().str(), ", expected [*,", g.in_channels, ",",
+             g.temporal_patch, ",", g.patch, ",", g.patch, "] or [*,", g.features(), "]");
+  require(L, name, w, dt, {out, g.features()});
+  return w;
+}
+
+// ---- Position-embedding helpers ----
+
+// torch.linspace(0, G-1, n)[k] in fp32 exactly as ATen's CPU kernel computes it: step = (end - start) /
+// (n - 1) in fp32, the first n/2 points count up from start and the rest down from end, and the product
+// step * count is rounded to fp32 before the subtraction. The volatile keeps the compiler from fusing
+// product and subtraction into one FMA (-march=native allows it), which would move some points by an ulp.
+float torch_linspace_fp32(int64_t grid_side, int64_t n, int64_t k) {
+  const float start = 0.0f, end = static_cast<float>(grid_side - 1);
+  if (n == 1) return start;  // torch fills a single point with start
+  const float step = (end - start) / static_cast<float>(n - 1);
+  const bool first_half = k < n / 2;
+  volatile float offset = step * static_cast<float>(first_half ? k : n - k - 1);
+  return first_half ? start + offset : end - offset;
+}
+
+// The two table coordinates a linspace point falls between and its fractional distance from the lower.
+struct Corner {
+  int64_t lo, hi;
+  float frac;
+};
+
+Corner corner(int64_t grid_side, int64_t n, int64_t k) {
+  const float pos = torch_linspace_fp32(grid_side, n, k);
+  const int64_t lo = static_cast<int64_t>(pos);  // truncation = floor, the points are non-negative
+  return {lo, std::min(lo + 1, grid_side - 1), pos - static_cast<float>(lo)};
+}
+
+int64_t count_patches(const char* L, const Tensor& grid_thw) {
+  require(L, "grid_thw", grid_thw, DType::i64, {-1, 3});
+  const int64_t* g = grid_thw.data<int64_t>();
+  int64_t total = 0;
+  for (int64_t i = 0; i < grid_thw.size(0); ++i) {
+    const int64_t t = g[3 * i], h = g[3 * i + 1], w = g[3 * i + 2];
+    Q3VL_CHECK(t > 0 && h > 0 && w > 0, L, ": grid_thw row ", i, " is (", t, ",", h, ",", w,
+               "), expected positive sizes");
+    total += t * h * w;
+  }
+  return total;
+}
+
+void check_indices(const char* L, const Tensor& idx, int64_t rows) {
+  const int64_t* ip = idx.data<int64_t>();
+  for (int64_t i = 0; i < idx.numel(); ++i)
+    Q3VL_CHECK(ip[i] >= 0 && ip[i] < rows, L, ": idx[", i / 4, ",", i % 4, "] = ", ip[i], " is outside the table's ",
+               rows, " rows");
+}
+
+// ---- Patch-merger helpers ----
+
+struct MergerDims {
+  int64_t patches, tokens, norm_rows;
+};
+
+MergerDims merger_dims(const char* L, const PatchMergerConfig& c, int64_t patches) {
+  Q3VL_CHECK(c.hidden > 0 && c.out_hidden > 0 && c.merge_unit > 0, L,
+             ": config sizes must be positive, got hidden ", c.hidden, ", out_hidden ", c.out_hidden,
+             ", merge_unit ", c.merge_unit);
+  Q3VL_CHECK(c.eps > 0, L, ": eps must be positive, got ", c.eps);
+  Q3VL_CHECK(patches % c.merge_unit == 0, L, ": ", patches, " patches is not a multiple of the merge unit ",
+             c.merge_unit);
+  const int64_t tokens = patches / c.merge_unit;
+  return {patches, tokens, c.use_postshuffle_norm ? tokens : patches};
+}
+
+void require_merger_weights(const char* L, const PatchMergerConfig& c, const PatchMergerWeights& w, DType dt,
+                            bool grads) {
+  const int64_t k = c.merged();
+  require(L, grads ? "grads.norm_w" : "norm_w", w.norm_w, dt, {c.norm_dim()});
+  require(L, grads ? "grads.norm_b" : "norm_b", w.norm_b, dt, {c.norm_dim()});
+  require(L, grads ? "grads.fc1_w" : "fc1_w", w.fc1_w, dt, {k, k});
+  require(L, grads ? "grads.fc1_b" : "fc1_b", w.fc1_b, dt, {k});
+  require(L, grads ? "grads.fc2_w" : "fc2_w", w.fc2_w, dt, {c.out_hidden, k});
+  require(L, grads ? "grads.fc2_b" : "fc2_b", w.fc2_b, dt, {c.out_hidden});
+}
+
+// Checks config, x and the weights; returns the sizes derived from x.
+MergerDims check_merger(const char* L, const PatchMergerConfig& c, const PatchMergerWeights& w, const Tensor& x) {
+  Q3VL_CHECK(x.defined(), L, ": x is missing");
+  const DType dt = x.dtype();
+  Q3VL_CHECK(dt == DType::f32 || dt == DType::f64, L, ": x has dtype ", dtype_name(dt), ", expected f32 or f64");
+  require(L, "x", x, dt, {-1, c.hidden});
+  const MergerDims d = merger_dims(L, c, x.size(0));
+  require_merger_weights(L, c, w, dt, false);
+  return d;
+}
+
+}  // namespace
+
+// ---- Patch embedding ----
+
+void patch_embed_forward(const PatchEmbedGeometry& geometry, const Tensor& pixels, const Tensor& w, const Tensor& b,
+                         const Tensor& y) {
+  const char* L = "patch_embed_forward";
+  check_geometry(L, geometry);
+  const DType dt = w.dtype();
+  const Tensor w_flat = flat_conv_weight(L, "w", geometry, w, dt, -1);
+  const int64_t out = w_flat.size(0);
+  require(L, "pixels", pixels, dt, {-1, geometry.features()});
+  require(L, "b", b, dt, {out});
+  require(L, "y", y, dt, {pixels.size(0), out});
+  linear_forward(pixels, w_flat, b, y);
+}
+
+void patch_embed_backward(const PatchEmbedGeometry& geometry, const Tensor& pixels, const Tensor& w, const Tensor& dy,
+                          const Tensor& dpixels, const Tensor& dw, const Tensor& db) {
+  const char* L = "patch_embed_backward";
+  check_geometry(L, geometry);
+  const DType dt = w.dtype();
+  const Tensor w_flat = flat_conv_weight(L, "w", geometry, w, dt, -1);
+  const int64_t out = w_flat.size(0);
+  const Tensor dw_flat = flat_conv_weight(L, "dw", geometry, dw, dt, out);
+  require(L, "pixels", pixels, dt, {-1, geometry.features()});
+  const int64_t n = pixels.size(0);
+  require(L, "dy", dy, dt, {n, out});
+  require(L, "db", db, dt, {out});
+  if (dpixels.defined()) require(L, "dpixels", dpixels, dt, {n, geometry.features()});
+  linear_backward(pixels, w_flat, dy, dpixels, dw_flat, db);
+}
+
+// ---- Bilinearly resampled position embedding ----
+
+int64_t vision_num_patches(const Tensor& grid_thw) { return count_patches("vision_num_patches", grid_thw); }
+
+void vision_pos_embed_plan(const Tensor& grid_thw, int64_t grid_side, int64_t merge, const Tensor& idx,
+                           const Tensor& weight) {
+  const char* L = "vision_pos_embed_plan";
+  Q3VL_CHECK(grid_side > 0, L, ": grid_side must be positive, got ", grid_side);
+  Q3VL_CHECK(merge > 0, L, ": merge must be positive, got ", merge);
+  const int64_t patches = count_patches(L, grid_thw);
+  const int64_t* g = grid_thw.data<int64_t>();
+  const int64_t items = grid_thw.size(0);
+  for (int64_t i = 0; i < items; ++i)
+    Q3VL_CHECK(g[3 * i + 1] % merge == 0 && g[3 * i + 2] % merge == 0, L, ": grid_thw row ", i, " is (", g[3 * i],
+               ",", g[3 * i + 1], ",", g[3 * i + 2], "), h and w must be multiples of merge ", merge);
+  require(L, "idx", idx, DType::i64, {patches, 4});
+  Q3VL_CHECK(weight.defined(), L, ": weight is missing");
+  require(L, "weight", weight, weight.dtype(), {patches, 4});
+  dispatch_float(L, weight.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    int64_t* ip = idx.data<int64_t>();
+    T* wp = weight.data<T>();
+    int64_t p = 0;
+    for (int64_t i = 0; i < items; ++i) {
+      const int64_t t = g[3 * i], h = g[3 * i + 1], w = g[3 * i + 2];
+      for (int64_t ti = 0; ti < t; ++ti)
+        for (int64_t br = 0; br < h / merge; ++br)
+          for (int64_t bc = 0; bc < w / merge; ++bc)
+            for (int64_t r = 0; r < merge; ++r)
+              for (int64_t c = 0; c < merge; ++c, ++p) {
+                const Corner y = corner(grid_side, h, br * merge + r);
+                const Corner x = corner(grid_side, w, bc * merge + c);
+                ip[4 * p + 0] = y.lo * grid_side + x.lo;
+                ip[4 * p + 1] = y.lo * grid_side + x.hi;
+                ip[4 * p + 2] = y.hi * grid_side + x.lo;
+                ip[4 * p + 3] = y.hi * grid_side + x.hi;
+                // Each weight is one fp32 product, as HF's float32 tensors compute them.
+                const float ny = 1.0f - y.frac, nx = 1.0f - x.frac;
+                wp[4 * p + 0] = static_cast<T>(ny * nx);
+                wp[4 * p + 1] = static_cast<T>(ny * x.frac);
+                wp[4 * p + 2] = static_cast<T>(y.frac * nx);
+                wp[4 * p + 3] = static_cast<T>(y.frac * x.frac);
+              }
+    }
+  });
+}
+
+void vision_pos_embed_forward(const Tensor& table, const Tensor& idx, const Tensor& weight, const Tensor& y) {
+  const char* L = "vision_pos_embed_forward";
+  const DType dt = table.dtype();
+  require(L, "table", table, dt, {-1, -1});
+  const int64_t rows = table.size(0), dim = table.size(1);
+  require(L, "idx", idx, DType::i64, {-1, 4});
+  const int64_t patches = idx.size(0);
+  require(L, "weight", weight, dt, {patches, 4});
+  require(L, "y", y, dt, {patches, dim});
+  check_indices(L, idx, rows);
+  dispatch_float(L, dt, [&](auto tag) {
+    using T = decltype(tag);
+    const T *tp = table.data<T>(), *wp = weight.data<T>();
+    const int64_t* ip = idx.data<int64_t>();
+    T* yp = y.data<T>();
+#pragma omp parallel for schedule(static)
+    for (int64_t p = 0; p < patches; ++p) {
+      const T *r0 = tp + ip[4 * p] * dim, *r1 = tp + ip[4 * p + 1] * dim;
+      const T *r2 = tp + ip[4 * p + 2] * dim, *r3 = tp + ip[4 * p + 3] * dim;
+      const T w0 = wp[4 * p], w1 = wp[4 * p + 1], w2 = wp[4 * p + 2], w3 = wp[4 * p + 3];
+      T* yr = yp + p * dim;
+      for (int64_t j = 0; j < dim; ++j) yr[j] = w0 * r0[j] + w1 * r1[j] + w2 * r2[j] + w3 * r3[j];
+    }
+  });
+}
+
+void vision_pos_embed_backward(const Tensor& idx, const Tensor& weight, const Tensor& dy, const Tensor& dtable) {
+  const char* L = "vision_pos_embed_backward";
+  const DType dt = dy.dtype();
+  require(L, "dy", dy, dt, {-1, -1});
+  const int64_t patches = dy.size(0), dim = dy.size(1);
+  require(L, "idx", idx, DType::i64, {patches, 4});
+  require(L, "weight", weight, dt, {patches, 4});
+  require(L, "dtable", dtable, dt, {-1, dim});
+  check_indices(L, idx, dtable.size(0));
+  dispatch_float(L, dt, [&](auto tag) {
+    using T = decltype(tag);
+    const T *wp = weight.data<T>(), *dyp = dy.data<T>();
+    const int64_t* ip = idx.data<int64_t>();
+    T* dtp = dtable.data<T>();
+    // Threads own column blocks, so every table element has one writer that adds its terms in patch order
+    // whatever the thread count.
+    constexpr int64_t kBlock = 64;
+    const int64_t blocks = (dim + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t j0 = blk * kBlock, j1 = std::min(j0 + kBlock, dim);
+      for (int64_t p = 0; p < patches; ++p) {
+        const T* g = dyp + p * dim;
+        for (int c = 0; c < 4; ++c) {
+          const T wc = wp[4 * p + c];
+          T* dst = dtp + ip[4 * p + c] * dim;
+          for (int64_t j = j0; j < j1; ++j) dst[j] += wc * g[j];
+        }
+      }
+    }
+  });
+}
+
+// ---- Patch merger ----
+
+size_t patch_merger_saved_bytes(const PatchMergerConfig& config, int64_t num_patches, DType dtype) {
+  const MergerDims d = merger_dims("patch_merger_saved_bytes", config, num_patches);
+  const size_t s = dtype_size(dtype);
+  const size_t token_matrix = Arena::aligned(static_cast<size_t>(d.tokens * config.merged()) * s);
+  const size_t row_stat = Arena::aligned(static_cast<size_t>(d.norm_rows) * s);
+  return 2 * token_matrix + 2 * row_stat;
+}
+
+size_t patch_merger_scratch_bytes(const PatchMergerConfig& config, int64_t num_patches, DType dtype) {
+  const MergerDims d = merger_dims("patch_merger_scratch_bytes", config, num_patches);
+  // The forward borrows one [M, merged] buffer (the activation), the backward two.
+  return 2 * Arena::aligned(static_cast<size_t>(d.tokens * config.merged()) * dtype_size(dtype));
+}
+
+PatchMergerSaved patch_merger_forward(const PatchMergerConfig& config, const PatchMergerWeights& w, const Tensor& x,
+                                      const Tensor& y, Arena& arena) {
+  const char* L = "patch_merger_forward";
+  const MergerDims d = check_merger(L, config, w, x);
+  const DType dt = x.dtype();
+  const int64_t k = config.merged();
+  require(L, "y", y, dt, {d.tokens, config.out_hidden});
+
+  PatchMergerSaved saved;
+  saved.normed = Tensor::empty(arena, {d.tokens, k}, dt);
+  saved.mean = Tensor::empty(arena, {d.norm_rows}, dt);
+  saved.rstd = Tensor::empty(arena, {d.norm_rows}, dt);
+  saved.fc1_out = Tensor::empty(arena, {d.tokens, k}, dt);
+  if (config.use_postshuffle_norm)
+    layernorm_forward(x.view({d.tokens, k}), w.norm_w, w.norm_b, config.eps, saved.normed, saved.mean, saved.rstd);
+  else
+    layernorm_forward(x, w.norm_w, w.norm_b, config.eps, saved.normed.view({d.patches, config.hidden}), saved.mean,
+                      saved.rstd);
+  linear_forward(saved.normed, w.fc1_w, w.fc1_b, saved.fc1_out);
+  const size_t mark = arena.mark();
+  const Tensor act = Tensor::empty(arena, {d.tokens, k}, dt);
+  gelu_forward(Gelu::erf, saved.fc1_out, act);
+  linear_forward(act, w.fc2_w, w.fc2_b, y);
+  arena.release(mark);
+  return saved;
+}
+
+void patch_merger_backward(const PatchMergerConfig& config, const PatchMergerWeights& w, const Tensor& x,
+                           const PatchMergerSaved& saved, const Tensor& dy, const Tensor& dx,
+                           const PatchMergerWeights& grads, Arena& scratch) {
+  const char* L = "patch_merger_backward";
+  const MergerDims d = check_merger(L, config, w, x);
+  const DType dt = x.dtype();
+  const int64_t k = config.merged();
+  require_merger_weights(L, config, grads, dt, true);
+  require(L, "saved.normed", saved.normed, dt, {d.tokens, k});
+  require(L, "saved.mean", saved.mean, dt, {d.norm_rows});
+  require(L, "saved.rstd", saved.rstd, dt, {d.norm_rows});
+  require(L, "saved.fc1_out", saved.fc1_out, dt, {d.tokens, k});
+  require(L, "dy", dy, dt, {d.tokens, config.out_hidden});
+  if (dx.defined()) require(L, "dx", dx, dt, {d.patches, config.hidden});
+
+  const size_t mark = scratch.mark();
+  const Tensor buf_a = Tensor::empty(scratch, {d.tokens, k}, dt);
+  const Tensor buf_b = Tensor::empty(scratch, {d.tokens, k}, dt);
+  gelu_forward(Gelu::erf, saved.fc1_out, buf_a);  // fc2's input, recomputed rather than saved
+  linear_backward(buf_a, w.fc2_w, dy, buf_b, grads.fc2_w, grads.fc2_b);
+  gelu_backward(Gelu::erf, saved.fc1_out, buf_b, buf_b);
+  linear_backward(saved.normed, w.fc1_w, buf_b, buf_a, grads.fc1_w, grads.fc1_b);  // buf_a = d normed
+  if (config.use_postshuffle_norm)
+    layernorm_backward(x.view({d.tokens, k}), w.norm_w, saved.mean, saved.rstd, buf_a,
+                       dx.defined() ? dx.view({d.tokens, k}) : Tensor{}, grads.norm_w, grads.norm_b);
+  else
+    layernorm_backward(x, w.norm_w, saved.mean, saved.rstd, buf_a.view({d.patches, config.hidden}), dx, grads.norm_w,
+                       grads.norm_b);
+  scratch.release(mark);
+}
+
+}  // namespace q3vl
