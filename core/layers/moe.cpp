@@ -1,0 +1,418 @@
+// MoE forward/backward on the CPU GEMM: router + softmax + top-k, a stable counting sort of the (token, slot)
+// pairs by expert, one grouped GEMM per expert and projection (experts run in parallel, each GEMM on one
+// thread), fused SwiGLU loops, and a per-token combine in slot order. Also the pooled aux loss.
+#include "core/layers/moe.h"
+
+#include <Eigen/Core>
+
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "core/kernels/cpu/gemm.h"
+#include "core/layer_checks.h"
+
+namespace q3vl {
+
+namespace {
+
+size_t bytes_of(int64_t numel, size_t elem) { return Arena::aligned(static_cast<size_t>(numel) * elem); }
+
+// Allocation sizes in the order the forward and backward carve them; the byte functions sum the same list.
+size_t saved_bytes(const MoeConfig& c, int64_t n, size_t f) {
+  const int64_t pairs = n * c.top_k;
+  return bytes_of(n * c.num_experts, f) + bytes_of(pairs, 8) + bytes_of(pairs, f) + bytes_of(c.num_experts + 1, 8) +
+         bytes_of(pairs, 8) + bytes_of(pairs, 8) + bytes_of(pairs * 2 * c.expert_ffn, f);
+}
+size_t forward_scratch_bytes(const MoeConfig& c, int64_t n, size_t f) {
+  const int64_t pairs = n * c.top_k;
+  return bytes_of(pairs * c.hidden, f) + bytes_of(pairs * c.expert_ffn, f);
+}
+
+// The valid mask as a predicate; no mask means every token is real.
+struct ValidMask {
+  const uint8_t* u8 = nullptr;
+  const int64_t* i64 = nullptr;
+  bool operator()(int64_t t) const { return u8 ? u8[t] != 0 : i64 ? i64[t] != 0 : true; }
+};
+
+void check_config(const char* L, const MoeConfig& c) {
+  Q3VL_CHECK(c.hidden > 0 && c.num_experts > 0 && c.expert_ffn > 0, L, ": config needs positive hidden (",
+             c.hidden, "), num_experts (", c.num_experts, ") and expert_ffn (", c.expert_ffn, ")");
+  Q3VL_CHECK(c.top_k >= 1 && c.top_k <= c.num_experts, L, ": config top_k ", c.top_k,
+             " must be in [1, num_experts = ", c.num_experts, "]");
+}
+
+void check_params(const char* L, const MoeConfig& c, const MoeWeights& p, DType dt, const char* router,
+                  const char* gate_up, const char* down) {
+  const int64_t E = c.num_experts, H = c.hidden, I = c.expert_ffn;
+  require(L, router, p.router, dt, {E, H});
+  require(L, gate_up, p.gate_up, dt, {E, H, 2 * I});
+  require(L, down, p.down, dt, {E, I, H});
+}
+
+ValidMask check_valid(const char* L, const Tensor& valid, int64_t n) {
+  if (!valid.defined()) return {};
+  Q3VL_CHECK(valid.dtype() == DType::u8 || valid.dtype() == DType::i64, L, ": valid has dtype ",
+             dtype_name(valid.dtype()), ", expected u8 or i64");
+  require(L, "valid", valid, valid.dtype(), {n});
+  ValidMask m;
+  if (valid.dtype() == DType::u8) m.u8 = valid.data<uint8_t>();
+  else m.i64 = valid.data<int64_t>();
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t v = m.u8 ? m.u8[t] : m.i64[t];
+    Q3VL_CHECK(v == 0 || v == 1, L, ": valid[", t, "] = ", v, ", expected 0 (padding) or 1 (real token)");
+  }
+  return m;
+}
+
+void check_free(const char* L, const char* name, const Arena& arena, size_t need) {
+  Q3VL_CHECK(arena.capacity() - arena.used() >= need, L, ": ", name, " '", arena.name(), "' has ",
+             arena.capacity() - arena.used(), " bytes free, needs ", need);
+}
+
+// Softmax of each logits row in place, then its top-k (descending probability, equal values in increasing
+// expert index) and the renormalised weights.
+template <class T>
+void route(int64_t n, int64_t E, int64_t K, T* probs, int64_t* topk_expert, T* topk_weight) {
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < n; ++t) {
+    T* p = probs + t * E;
+    T mx = p[0];
+    for (int64_t e = 1; e < E; ++e) mx = p[e] > mx ? p[e] : mx;
+    T sum = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      p[e] = std::exp(p[e] - mx);
+      sum += p[e];
+    }
+    for (int64_t e = 0; e < E; ++e) p[e] /= sum;
+    int64_t* idx = topk_expert + t * K;
+    T* val = topk_weight + t * K;
+    int64_t filled = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      // Strict comparisons keep an earlier (lower) expert ahead of a later one with the same probability.
+      if (filled == K && !(p[e] > val[K - 1])) continue;
+      int64_t j = filled < K ? filled++ : K - 1;
+      for (; j > 0 && p[e] > val[j - 1]; --j) {
+        val[j] = val[j - 1];
+        idx[j] = idx[j - 1];
+      }
+      val[j] = p[e];
+      idx[j] = e;
+    }
+    T total = 0;
+    for (int64_t s = 0; s < K; ++s) total += val[s];
+    for (int64_t s = 0; s < K; ++s) val[s] /= total;
+  }
+}
+
+// a = silu(gate) * up for `rows` rows of a fused [rows, 2I] block (Eigen's vectorised exp).
+template <class T>
+void swiglu_rows(int64_t rows, int64_t I, const T* h, T* a) {
+  using Vec = Eigen::Array<T, Eigen::Dynamic, 1>;
+  for (int64_t r = 0; r < rows; ++r) {
+    Eigen::Map<const Vec> g(h + r * 2 * I, I), u(h + r * 2 * I + I, I);
+    Eigen::Map<Vec>(a + r * I, I) = g * u / ((-g).exp() + T(1));
+  }
+}
+
+// Backward of weight * (silu(gate) * up) @ down for the rows of one expert. On entry grad_act holds
+// dY @ down^T (unweighted); on exit it holds weight * act (the left operand of d down), dh holds
+// d gate_up_out, and dweight[pair] = <dY @ down^T, act> (d loss / d routing weight).
+template <class T>
+void swiglu_backward_rows(int64_t rows, int64_t I, const T* h, const int64_t* pair, const T* topk_weight,
+                          T* grad_act, T* dh, T* dweight) {
+  using Vec = Eigen::Array<T, Eigen::Dynamic, 1>;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict g = h + r * 2 * I;
+    const T* __restrict u = g + I;
+    T* __restrict ga = grad_act + r * I;
+    T* __restrict dg = dh + r * 2 * I;
+    T* __restrict du = dg + I;
+    Eigen::Map<const Vec> gv(g, I), uv(u, I), gav(ga, I);
+    Eigen::Map<Vec> sig(dg, I);
+    sig = ((-gv).exp() + T(1)).inverse();
+    dweight[pair[r]] = (gav * gv * sig * uv).sum();
+    const T wt = topk_weight[pair[r]];
+    for (int64_t j = 0; j < I; ++j) {
+      const T s = dg[j], silu = g[j] * s, da = wt * ga[j];
+      dg[j] = da * u[j] * s * (T(1) + g[j] * (T(1) - s));
+      du[j] = da * silu;
+      ga[j] = wt * silu * u[j];
+    }
+  }
+}
+
+template <class T>
+void gather_rows(int64_t rows, int64_t H, int64_t K, const int64_t* pair, const T* src, T* dst) {
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * H, src + (pair[r] / K) * H, sizeof(T) * H);
+}
+
+// dst[t] (+)= sum over slots s of scale(t, s) * rows[pair_row[t*K + s]], summed in slot order.
+template <class T, class Scale>
+void combine(int64_t n, int64_t H, int64_t K, const int64_t* pair_row, const T* rows, bool accumulate, Scale scale,
+             T* dst) {
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < n; ++t) {
+    T* __restrict out = dst + t * H;
+    for (int64_t s = 0; s < K; ++s) {
+      const T* __restrict src = rows + pair_row[t * K + s] * H;
+      const T c = scale(t * K + s);
+      if (s == 0 && !accumulate) {
+        for (int64_t j = 0; j < H; ++j) out[j] = c * src[j];
+      } else {
+        for (int64_t j = 0; j < H; ++j) out[j] += c * src[j];
+      }
+    }
+  }
+}
+
+template <class T>
+void forward_impl(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, ValidMask valid, Arena& arena,
+                  MoeSaved& saved, const Tensor& y, MoeStats& stats) {
+  const DType dt = dtype_of<T>();
+  const int64_t n = x.size(0), H = cfg.hidden, E = cfg.num_experts, K = cfg.top_k, I = cfg.expert_ffn;
+  const int64_t pairs = n * K;
+  saved.probs = Tensor::empty(arena, {n, E}, dt);
+  saved.topk_expert = Tensor::empty(arena, {n, K}, DType::i64);
+  saved.topk_weight = Tensor::empty(arena, {n, K}, dt);
+  saved.expert_offsets = Tensor::empty(arena, {E + 1}, DType::i64);
+  saved.sorted_pair = Tensor::empty(arena, {pairs}, DType::i64);
+  saved.pair_row = Tensor::empty(arena, {pairs}, DType::i64);
+  saved.gate_up_out = Tensor::empty(arena, {pairs, 2 * I}, dt);
+  const size_t mark = arena.mark();
+  // Gathered inputs of each expert, overwritten in place by that expert's outputs.
+  T* rows = Tensor::empty(arena, {pairs, H}, dt).data<T>();
+  T* act = Tensor::empty(arena, {pairs, I}, dt).data<T>();
+
+  const T* xp = x.data<T>();
+  T* probs = saved.probs.data<T>();
+  int64_t* topk_expert = saved.topk_expert.data<int64_t>();
+  T* topk_weight = saved.topk_weight.data<T>();
+  int64_t* offsets = saved.expert_offsets.data<int64_t>();
+  int64_t* sorted_pair = saved.sorted_pair.data<int64_t>();
+  int64_t* pair_row = saved.pair_row.data<int64_t>();
+  T* gate_up_out = saved.gate_up_out.data<T>();
+
+  cpu::gemm<T>(false, true, n, E, H, T(1), xp, H, w.router.data<T>(), H, T(0), probs, E);
+  route<T>(n, E, K, probs, topk_expert, topk_weight);
+
+  int64_t* counts = stats.counts.data<int64_t>();
+  double* prob_sum = stats.prob_sum.data<double>();
+  std::memset(counts, 0, sizeof(int64_t) * E);
+  std::memset(prob_sum, 0, sizeof(double) * E);
+  stats.valid_tokens = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    if (!valid(t)) continue;
+    ++stats.valid_tokens;
+    for (int64_t s = 0; s < K; ++s) ++counts[topk_expert[t * K + s]];
+    for (int64_t e = 0; e < E; ++e) prob_sum[e] += probs[t * E + e];
+  }
+
+  // Stable counting sort of pairs by expert: offsets[e + 1] counts, prefix sums, then offsets[e] serves as
+  // expert e's write cursor (ending at its successor's start) and is shifted back afterwards.
+  std::memset(offsets, 0, sizeof(int64_t) * (E + 1));
+  for (int64_t p = 0; p < pairs; ++p) ++offsets[topk_expert[p] + 1];
+  for (int64_t e = 0; e < E; ++e) offsets[e + 1] += offsets[e];
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int64_t q = offsets[topk_expert[p]]++;
+    sorted_pair[q] = p;
+    pair_row[p] = q;
+  }
+  for (int64_t e = E; e > 0; --e) offsets[e] = offsets[e - 1];
+  offsets[0] = 0;
+
+  const T* gate_up = w.gate_up.data<T>();
+  const T* down = w.down.data<T>();
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t r0 = offsets[e], ne = offsets[e + 1] - r0;
+    if (ne == 0) continue;
+    T* xr = rows + r0 * H;
+    T* h = gate_up_out + r0 * 2 * I;
+    T* a = act + r0 * I;
+    gather_rows<T>(ne, H, K, sorted_pair + r0, xp, xr);
+    cpu::gemm<T>(false, false, ne, 2 * I, H, T(1), xr, H, gate_up + e * H * 2 * I, 2 * I, T(0), h, 2 * I);
+    swiglu_rows<T>(ne, I, h, a);
+    cpu::gemm<T>(false, false, ne, H, I, T(1), a, I, down + e * I * H, H, T(0), xr, H);
+  }
+
+  combine<T>(n, H, K, pair_row, rows, false, [&](int64_t p) { return topk_weight[p]; }, y.data<T>());
+  arena.release(mark);
+}
+
+template <class T>
+void backward_impl(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, ValidMask valid,
+                   const MoeSaved& saved, const Tensor& dy, const Tensor& aux_dprob, const Tensor& dx,
+                   const MoeGrads& grads, Arena& arena) {
+  const DType dt = dtype_of<T>();
+  const int64_t n = x.size(0), H = cfg.hidden, E = cfg.num_experts, K = cfg.top_k, I = cfg.expert_ffn;
+  const int64_t pairs = n * K;
+  const size_t mark = arena.mark();
+  // Per sorted row: gathered dy, then gathered x, then d x of the pair.
+  T* rows = Tensor::empty(arena, {pairs, H}, dt).data<T>();
+  T* act = Tensor::empty(arena, {pairs, I}, dt).data<T>();
+  T* dh = Tensor::empty(arena, {pairs, 2 * I}, dt).data<T>();
+  T* dweight = Tensor::empty(arena, {pairs}, dt).data<T>();
+  T* dprobs = Tensor::empty(arena, {n, E}, dt).data<T>();
+
+  const T* xp = x.data<T>();
+  const T* dyp = dy.data<T>();
+  const T* probs = saved.probs.data<T>();
+  const int64_t* topk_expert = saved.topk_expert.data<int64_t>();
+  const T* topk_weight = saved.topk_weight.data<T>();
+  const int64_t* offsets = saved.expert_offsets.data<int64_t>();
+  const int64_t* sorted_pair = saved.sorted_pair.data<int64_t>();
+  const int64_t* pair_row = saved.pair_row.data<int64_t>();
+  const T* gate_up_out = saved.gate_up_out.data<T>();
+  const T* gate_up = w.gate_up.data<T>();
+  const T* down = w.down.data<T>();
+  T* dgate_up = grads.gate_up.data<T>();
+  T* ddown = grads.down.data<T>();
+  const bool want_dx = dx.defined();
+
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t r0 = offsets[e], ne = offsets[e + 1] - r0;
+    if (ne == 0) continue;
+    T* r = rows + r0 * H;
+    T* a = act + r0 * I;
+    T* d = dh + r0 * 2 * I;
+    gather_rows<T>(ne, H, K, sorted_pair + r0, dyp, r);
+    cpu::gemm<T>(false, true, ne, I, H, T(1), r, H, down + e * I * H, H, T(0), a, I);
+    swiglu_backward_rows<T>(ne, I, gate_up_out + r0 * 2 * I, sorted_pair + r0, topk_weight, a, d, dweight);
+    cpu::gemm<T>(true, false, I, H, ne, T(1), a, I, r, H, T(1), ddown + e * I * H, H);
+    gather_rows<T>(ne, H, K, sorted_pair + r0, xp, r);
+    cpu::gemm<T>(true, false, H, 2 * I, ne, T(1), r, H, d, 2 * I, T(1), dgate_up + e * H * 2 * I, 2 * I);
+    if (want_dx) cpu::gemm<T>(false, true, ne, H, 2 * I, T(1), d, 2 * I, gate_up + e * H * 2 * I, 2 * I, T(0), r, H);
+  }
+
+  const T* aux = aux_dprob.defined() ? aux_dprob.data<T>() : nullptr;
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < n; ++t) {
+    const T* p = probs + t * E;
+    T* dp = dprobs + t * E;
+    const bool aux_here = aux != nullptr && valid(t);
+    for (int64_t e = 0; e < E; ++e) dp[e] = aux_here ? aux[e] : T(0);
+    // weight_s = p_s / S with S the sum of the chosen probabilities:
+    // d loss / d p_s = (dweight_s - sum_s' dweight_s' weight_s') / S.
+    T chosen = 0, projected = 0;
+    for (int64_t s = 0; s < K; ++s) {
+      chosen += p[topk_expert[t * K + s]];
+      projected += dweight[t * K + s] * topk_weight[t * K + s];
+    }
+    for (int64_t s = 0; s < K; ++s) dp[topk_expert[t * K + s]] += (dweight[t * K + s] - projected) / chosen;
+    T centre = 0;
+    for (int64_t e = 0; e < E; ++e) centre += dp[e] * p[e];
+    for (int64_t e = 0; e < E; ++e) dp[e] = p[e] * (dp[e] - centre);
+  }
+
+  cpu::gemm<T>(true, false, E, H, n, T(1), dprobs, E, xp, H, T(1), grads.router.data<T>(), H);
+  if (want_dx) {
+    T* dxp = dx.data<T>();
+    cpu::gemm<T>(false, false, n, H, E, T(1), dprobs, E, w.router.data<T>(), H, T(0), dxp, H);
+    combine<T>(n, H, K, pair_row, rows, true, [](int64_t) { return T(1); }, dxp);
+  }
+  arena.release(mark);
+}
+
+}  // namespace
+
+size_t moe_forward_arena_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype) {
+  const size_t f = dtype_size(dtype);
+  return saved_bytes(cfg, tokens, f) + forward_scratch_bytes(cfg, tokens, f);
+}
+
+size_t moe_backward_scratch_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype) {
+  const size_t f = dtype_size(dtype);
+  const int64_t pairs = tokens * cfg.top_k;
+  return bytes_of(pairs * cfg.hidden, f) + bytes_of(pairs * cfg.expert_ffn, f) +
+         bytes_of(pairs * 2 * cfg.expert_ffn, f) + bytes_of(pairs, f) + bytes_of(tokens * cfg.num_experts, f);
+}
+
+void moe_forward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, const Tensor& valid,
+                 Arena& saved_arena, MoeSaved& saved, const Tensor& y, MoeStats& stats) {
+  const char* L = "moe_forward";
+  check_config(L, cfg);
+  const DType dt = w.router.dtype();
+  check_params(L, cfg, w, dt, "w.router", "w.gate_up", "w.down");
+  require(L, "x", x, dt, {-1, cfg.hidden});
+  const int64_t n = x.size(0);
+  require(L, "y", y, dt, {n, cfg.hidden});
+  require(L, "stats.counts", stats.counts, DType::i64, {cfg.num_experts});
+  require(L, "stats.prob_sum", stats.prob_sum, DType::f64, {cfg.num_experts});
+  const ValidMask mask = check_valid(L, valid, n);
+  check_free(L, "saved_arena", saved_arena, moe_forward_arena_bytes(cfg, n, dt));
+  dispatch_float(L, dt, [&](auto tag) {
+    forward_impl<decltype(tag)>(cfg, w, x, mask, saved_arena, saved, y, stats);
+  });
+}
+
+void moe_backward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, const Tensor& valid,
+                  const MoeSaved& saved, const Tensor& dy, const Tensor& aux_dprob, const Tensor& dx,
+                  const MoeGrads& grads, Arena& scratch) {
+  const char* L = "moe_backward";
+  check_config(L, cfg);
+  const DType dt = w.router.dtype();
+  const int64_t E = cfg.num_experts, H = cfg.hidden, K = cfg.top_k, I = cfg.expert_ffn;
+  check_params(L, cfg, w, dt, "w.router", "w.gate_up", "w.down");
+  check_params(L, cfg, grads, dt, "grads.router", "grads.gate_up", "grads.down");
+  require(L, "x", x, dt, {-1, H});
+  const int64_t n = x.size(0);
+  require(L, "dy", dy, dt, {n, H});
+  if (dx.defined()) require(L, "dx", dx, dt, {n, H});
+  if (aux_dprob.defined()) require(L, "aux_dprob", aux_dprob, dt, {E});
+  require(L, "saved.probs", saved.probs, dt, {n, E});
+  require(L, "saved.topk_expert", saved.topk_expert, DType::i64, {n, K});
+  require(L, "saved.topk_weight", saved.topk_weight, dt, {n, K});
+  require(L, "saved.expert_offsets", saved.expert_offsets, DType::i64, {E + 1});
+  require(L, "saved.sorted_pair", saved.sorted_pair, DType::i64, {n * K});
+  require(L, "saved.pair_row", saved.pair_row, DType::i64, {n * K});
+  require(L, "saved.gate_up_out", saved.gate_up_out, dt, {n * K, 2 * I});
+  const ValidMask mask = check_valid(L, valid, n);
+  check_free(L, "scratch", scratch, moe_backward_scratch_bytes(cfg, n, dt));
+  dispatch_float(L, dt, [&](auto tag) {
+    backward_impl<decltype(tag)>(cfg, w, x, mask, saved, dy, aux_dprob, dx, grads, scratch);
+  });
+}
+
+double moe_aux_loss(int64_t num_experts, std::span<const MoeStats> layers, double coef, const Tensor& aux_dprob) {
+  const char* L = "moe_aux_loss";
+  Q3VL_CHECK(num_experts > 0, L, ": num_experts ", num_experts, " must be positive");
+  int64_t total = 0;
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const std::string counts = "layers[" + std::to_string(l) + "].counts";
+    const std::string prob_sum = "layers[" + std::to_string(l) + "].prob_sum";
+    require(L, counts.c_str(), layers[l].counts, DType::i64, {num_experts});
+    require(L, prob_sum.c_str(), layers[l].prob_sum, DType::f64, {num_experts});
+    Q3VL_CHECK(layers[l].valid_tokens >= 0, L, ": layers[", l, "].valid_tokens ", layers[l].valid_tokens,
+               " is negative");
+    total += layers[l].valid_tokens;
+  }
+  if (aux_dprob.defined()) {
+    Q3VL_CHECK(aux_dprob.dtype() == DType::f32 || aux_dprob.dtype() == DType::f64, L, ": aux_dprob has dtype ",
+               dtype_name(aux_dprob.dtype()), ", expected f32 or f64");
+    require(L, "aux_dprob", aux_dprob, aux_dprob.dtype(), {num_experts});
+  }
+  double aux = 0;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    double count = 0, prob = 0;
+    for (const MoeStats& s : layers) {
+      count += static_cast<double>(s.counts.data<int64_t>()[e]);
+      prob += s.prob_sum.data<double>()[e];
+    }
+    const double f = total > 0 ? count / static_cast<double>(total) : 0.0;
+    const double P = total > 0 ? prob / static_cast<double>(total) : 0.0;
+    aux += f * P;
+    if (aux_dprob.defined()) {
+      const double g = total > 0 ? coef * static_cast<double>(num_experts) * f / static_cast<double>(total) : 0.0;
+      dispatch_float(L, aux_dprob.dtype(), [&](auto tag) {
+        using T = decltype(tag);
+        aux_dprob.data<T>()[e] = static_cast<T>(g);
+      });
+    }
+  }
+  return static_cast<double>(num_experts) * aux;
+}
+
+}  // namespace q3vl

@@ -1,0 +1,78 @@
+// Sparse Mixture-of-Experts block of Qwen3-VL-MoE (HF Qwen3VLMoeTextSparseMoeBlock) with its backward, and
+// the load-balancing aux loss (HF load_balancing_loss_func with an attention mask, pooled over layers).
+//
+// Forward: logits = x router^T; probs = softmax(logits) in the compute type; the top-k experts of each token
+// by probability (descending; equal probabilities are taken in increasing expert index, which is also the slot
+// order); weights = the k probabilities renormalised to sum 1; y = sum over slots of
+// weight * down_e(silu(x gate_e) * (x up_e)). The (token, slot) pairs are sorted by expert with a stable
+// counting sort so each expert runs one GEMM over all its rows; the per-token sum then runs in slot order, so
+// no sum depends on how threads are scheduled.
+#pragma once
+
+#include <cstdint>
+#include <span>
+
+#include "core/arena.h"
+#include "core/tensor.h"
+
+namespace q3vl {
+
+struct MoeConfig {
+  int64_t hidden = 0;       // H
+  int64_t num_experts = 0;  // E
+  int64_t top_k = 0;        // k
+  int64_t expert_ffn = 0;   // I
+};
+
+// The on-disk layouts: router is nn.Linear [E, H]; experts are x @ W with gate_up [E, H, 2I] (gate = first I
+// columns, up = last I) and down [E, I, H]. All three share one float dtype (f32, or f64 in tests).
+struct MoeWeights {
+  Tensor router;
+  Tensor gate_up;
+  Tensor down;
+};
+using MoeGrads = MoeWeights;
+
+// What the backward needs, carved by moe_forward from its saved arena. Pair p = t * k + s is slot s of
+// token t.
+struct MoeSaved {
+  Tensor probs;           // [N, E] router softmax
+  Tensor topk_expert;     // i64 [N, k] chosen experts, slot order
+  Tensor topk_weight;     // [N, k] renormalised routing weights
+  Tensor expert_offsets;  // i64 [E + 1] rows of expert e are sorted rows [offsets[e], offsets[e + 1])
+  Tensor sorted_pair;     // i64 [N * k] pair id of each sorted row (stable: increasing p within an expert)
+  Tensor pair_row;        // i64 [N * k] inverse: sorted row of pair p
+  Tensor gate_up_out;     // [N * k, 2I] x @ gate_up_e of each sorted row
+};
+
+// Per-layer routing statistics of the real (valid) tokens, written by moe_forward.
+struct MoeStats {
+  Tensor counts;    // i64 [E] (valid token, slot) pairs routed to e (caller-provided)
+  Tensor prob_sum;  // f64 [E] sum over valid tokens of probs[:, e] (caller-provided)
+  int64_t valid_tokens = 0;
+};
+
+// Bytes moe_forward takes from its saved arena for N tokens: the MoeSaved tensors (kept) plus the forward's
+// scratch (released before it returns), alignment included.
+size_t moe_forward_arena_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype);
+// Bytes moe_backward takes (and releases) from its scratch arena for N tokens.
+size_t moe_backward_scratch_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype);
+
+// x [N, H]; valid: u8 or i64 [N] of 0/1 (1 = real token), or undefined for all valid; y [N, H] written.
+// Padding tokens are routed and computed like the others (as in HF) but left out of `stats`.
+void moe_forward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, const Tensor& valid,
+                 Arena& saved_arena, MoeSaved& saved, const Tensor& y, MoeStats& stats);
+
+// dx [N, H] written when defined; grads (router, gate_up, down) accumulated (+=). aux_dprob [E] (from
+// moe_aux_loss, coefficient included) adds aux_dprob[e] to d loss / d probs[t, e] of every valid token; pass
+// it undefined when the aux loss is off. Gradients flow through the renormalised weights and the softmax.
+void moe_backward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, const Tensor& valid,
+                  const MoeSaved& saved, const Tensor& dy, const Tensor& aux_dprob, const Tensor& dx,
+                  const MoeGrads& grads, Arena& scratch);
+
+// Pools the stats of L layers: T = sum of valid tokens, f_e = counts_e / T, P_e = prob_sum_e / T, and returns
+// aux = E * sum_e f_e P_e (0 when T = 0). When aux_dprob ([E], f32 or f64) is defined it is written with
+// coef * d aux / d probs[t, e] = coef * E * f_e / T, the same for every valid token of every layer.
+double moe_aux_loss(int64_t num_experts, std::span<const MoeStats> layers, double coef, const Tensor& aux_dprob);
+
+}  // namespace q3vl
