@@ -12,7 +12,7 @@ int main(int argc, char** argv) {
   if (args.empty() || args[0] == "--help" || args[0] == "-h") {
     std::cout << "usage: q3vl <command> [options]\n"
                  "commands:\n"
-                 "  selfcheck [--steps N] [--tokens N]   forward/backward of a tiny layer stack, with timings\n";
+                 "  selfcheck [--steps N] [--tokens N]   train a tiny MoE layer stack for N SGD steps (default 20), with timings\n";
     return args.empty() ? 1 : 0;
   }
   try {
