@@ -16,7 +16,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 echo "== Release build and tests"
 bash "$root/jobs/build.sh" "$root/build"
-(cd "$root/build" && ctest --output-on-failure)
+(cd "$root/build" && ctest --output-on-failure -j "$(nproc)")
 cat "$root/build/gradcheck_report.txt"
 
 if ((sanitize)); then
@@ -24,6 +24,6 @@ if ((sanitize)); then
   bash "$root/jobs/build.sh" "$root/build-asan" -DQ3VL_SANITIZE=ON -DQ3VL_BENCHMARKS=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo
   # detect_leaks=0: libgomp keeps its thread pool alive at exit, which LeakSanitizer reports as a leak.
   (cd "$root/build-asan" && ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-     ctest --output-on-failure)
+     ctest --output-on-failure -j "$(nproc)")
 fi
 echo "test.sh: all tests passed"
