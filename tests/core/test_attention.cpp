@@ -260,14 +260,6 @@ TEST(Attention, BackwardScratchIsSizedAndReleased) {
   EXPECT_GT(scratch.high_water(), 0u);
 }
 
-void expect_error(const std::function<void()>& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an error containing: " << needle;
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
 
 TEST(Attention, RejectsBadArguments) {
   const int64_t n = 5;

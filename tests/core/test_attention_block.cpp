@@ -207,14 +207,6 @@ TEST(AttentionBlock, ArenaSizesAreExact) {
   }
 }
 
-void expect_error(const std::function<void()>& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an error containing: " << needle;
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
 
 TEST(AttentionBlock, RejectsBadArguments) {
   BlockCase s = text_setup();

@@ -423,14 +423,6 @@ TEST(Moe, ArenaBytesAreExact) {
   }
 }
 
-void expect_error(const std::function<void()>& f, const std::string& text) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an error containing: " << text;
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
-  }
-}
 
 TEST(Moe, RejectsBadArgumentsNamingThem) {
   const MoeConfig cfg{5, 8, 2, 3};

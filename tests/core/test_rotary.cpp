@@ -210,14 +210,6 @@ INSTANTIATE_TEST_SUITE_P(Shapes, RotaryGrad,
                          testing::Values(std::make_tuple(1, 1, 2), std::make_tuple(3, 2, 6), std::make_tuple(7, 3, 10),
                                          std::make_tuple(4, 1, 72)));
 
-void expect_error(const std::function<void()>& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an error containing: " << needle;
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
 
 TEST(Rotary, RejectsBadArguments) {
   Tensor pos = positions_tensor({0, 1, 2}, {3});

@@ -15,14 +15,6 @@
 namespace q3vl::test {
 namespace {
 
-void expect_error(const std::function<void()>& f, const std::string& fragment) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an error containing: " << fragment;
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
-  }
-}
 
 Tensor grid_tensor(std::vector<int64_t>& rows) {
   return Tensor(rows.data(), DType::i64, {static_cast<int64_t>(rows.size() / 3), 3});

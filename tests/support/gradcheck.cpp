@@ -82,6 +82,15 @@ double max_abs_diff(const Tensor& a, const Tensor& b) {
   return m;
 }
 
+void expect_error(const std::function<void()>& f, const std::string& needle) {
+  try {
+    f();
+    ADD_FAILURE() << "expected an error containing: " << needle;
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  }
+}
+
 std::string gradcheck_report() {
   size_t tensors = 0;
   for (const auto& [layer, names] : registry()) tensors += names.size();

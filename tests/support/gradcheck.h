@@ -50,6 +50,9 @@ double dot(const Tensor& a, const Tensor& b);
 // max |a - b| over two same-shape float tensors.
 double max_abs_diff(const Tensor& a, const Tensor& b);
 
+// Runs f and expects a q3vl::Error whose message contains `needle` (a gtest failure otherwise).
+void expect_error(const std::function<void()>& f, const std::string& needle);
+
 // Registry report: "gradient checks: N layers, M tensors" plus one line per layer.
 std::string gradcheck_report();
 
