@@ -1,0 +1,139 @@
+// The assembled Qwen3-VL / Qwen3-VL-MoE model (HF Qwen3VLMoeForConditionalGeneration and
+// Qwen3VLForConditionalGeneration) on the CPU: forward to logits, cross-entropy and the MoE load-balancing
+// aux loss, and backward into a gradient store of the same layout as the weights.
+//
+// Usage (a test or the trainer):
+//   Model model(config);                 // f32; DType::f64 for finite-difference tests
+//   model.init_weights(seed);            // or fill model.weights() from a checkpoint (HF keys)
+//   Workspace ws(model, BatchShape::of(batch));           // arenas sized up front
+//   ForwardResult r = model.forward(batch, ws);           // r.logits [B*S, V], r.ce_loss, r.aux_loss, r.loss
+//   model.backward(ws);                  // accumulates d r.loss into model.grads(); overwrites r.logits
+//
+// Semantics (all as HF computes them in fp32):
+// - Images, then videos, run through the vision tower; their merged features replace, in order, the
+//   <|image_pad|> / <|video_pad|> token embeddings (counts must match), and DeepStack tap k is added to the
+//   visual rows after decoder layer k.
+// - Position ids: get_rope_index (core/model/rope_index.h); cos/sin by interleaved MRoPE.
+// - Tokens are handled as one flat list of B*S rows cut into documents (a row, or the packed documents of
+//   Batch::cu_seqlens); attention is causal inside a document. Padding (attention_mask 0, right padding)
+//   runs through every layer like in HF, attends to its document's real tokens, is excluded from the aux
+//   loss, and must carry label -100 (HF would otherwise count it in the loss).
+// - ce_loss: labels shifted inside each row (position i predicts labels[i + 1]), -100 ignored, mean over
+//   the counted targets. aux_loss: HF load_balancing_loss_func over all MoE layers with the attention mask.
+//   loss = ce_loss + router_aux_loss_coef * aux_loss when ForwardOptions::aux_loss (HF's
+//   output_router_logits) and the model has MoE layers, else ce_loss.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "core/arena.h"
+#include "core/model/config.h"
+#include "core/model/param_store.h"
+#include "core/model/text_decoder.h"
+#include "core/model/vision_tower.h"
+#include "core/tensor.h"
+
+namespace q3vl {
+
+struct Batch {
+  Tensor input_ids;            // i64 [B, S]
+  Tensor attention_mask;       // i64 [B, S] 0/1, right padding per document; undefined = all real
+  Tensor labels;               // i64 [B, S] unshifted, -100 = ignored; undefined = no loss (ce_loss 0)
+  Tensor pixel_values;         // [image patches, patch_features] of the model dtype, rows per image_grid_thw
+  Tensor image_grid_thw;       // i64 [images, 3]
+  Tensor pixel_values_videos;  // [video patches, patch_features]
+  Tensor video_grid_thw;       // i64 [videos, 3]
+  Tensor cu_seqlens;           // i64 [D + 1] packed documents over the B*S tokens; undefined = one per row
+};
+
+// The sizes a Workspace is built for; a batch fits when each field is at most the workspace's.
+struct BatchShape {
+  int64_t batch = 0, seq = 0;
+  int64_t image_patches = 0, video_patches = 0;
+  int64_t items = 0;   // images + videos
+  int64_t frames = 0;  // sum of t over all items
+  static BatchShape of(const Batch& batch);
+  int64_t tokens() const { return batch * seq; }
+  int64_t patches() const { return image_patches + video_patches; }
+};
+
+struct ForwardOptions {
+  bool aux_loss = true;  // add router_aux_loss_coef * aux_loss to `loss` (MoE models)
+};
+
+struct ForwardResult {
+  Tensor logits;           // [B*S, V] in the workspace; the next forward or backward overwrites it
+  double ce_loss = 0;      // mean cross-entropy over ce_tokens
+  int64_t ce_tokens = 0;   // targets counted (not -100)
+  double aux_loss = 0;     // load-balancing loss (0 without MoE layers)
+  double loss = 0;         // the training loss the backward differentiates
+};
+
+struct BackwardOptions {
+  double loss_scale = 1.0;     // gradients of loss_scale * loss
+  int64_t ce_normalizer = 0;   // divide the CE sum by this instead of ce_tokens (gradient accumulation)
+};
+
+class Model;
+
+// Activations and scratch of one forward/backward, sized up front for a BatchShape, plus the per-layer
+// records the backward reads. Reused across steps; forward resets it.
+class Workspace {
+ public:
+  Workspace(const Model& model, const BatchShape& capacity);
+
+  static size_t activation_bytes(const ModelConfig& config, const BatchShape& shape, DType dtype);
+  static size_t scratch_bytes(const ModelConfig& config, const BatchShape& shape, DType dtype);
+
+  const BatchShape& capacity() const { return capacity_; }
+  Arena& activations() { return acts_; }
+  Arena& scratch() { return scratch_; }
+
+ private:
+  friend class Model;
+  BatchShape capacity_;
+  Arena acts_, scratch_;
+  // Filled by forward, read by backward.
+  bool ready_ = false;
+  ForwardResult result_;
+  Tensor ids, targets, vis_pos;
+  TextContext ctx;
+  bool has_vision = false;
+  VisionTowerState vision;
+  std::vector<DecoderLayerSaved> layers;
+  std::vector<Tensor> d_deepstack;  // backward: gradients of the DeepStack features
+  std::vector<MoeStats> moe_stats;
+  Tensor final_normed, final_rstd, lse, aux_dprob;
+};
+
+class Model {
+ public:
+  explicit Model(const ModelConfig& config, DType dtype = DType::f32);
+
+  const ModelConfig& config() const { return config_; }
+  DType dtype() const { return weights_.dtype(); }
+  ParamStore& weights() { return weights_; }
+  ParamStore& grads() { return grads_; }
+  const ParamStore& weights() const { return weights_; }
+  const ParamStore& grads() const { return grads_; }
+
+  // ParamStore::init(seed, text_config.initializer_range): normal(0, 0.02) matrices, embeddings and
+  // experts, ones for norm weights, zeros for biases.
+  void init_weights(uint64_t seed);
+  void zero_grads() { grads_.fill_zero(); }
+
+  ForwardResult forward(const Batch& batch, Workspace& ws, const ForwardOptions& options = {}) const;
+  // Gradient of the last forward's loss (scaled) accumulated into grads(). The batch's tensors must still
+  // be alive; the logits in the workspace are overwritten with their gradient.
+  void backward(Workspace& ws, const BackwardOptions& options = {});
+
+ private:
+  ModelConfig config_;
+  ParamStore weights_, grads_;
+  VisionTowerWeights vision_w_, vision_g_;
+  TextWeights text_w_, text_g_;
+};
+
+}  // namespace q3vl

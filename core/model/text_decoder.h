@@ -1,0 +1,86 @@
+// The Qwen3-VL(-MoE) text decoder layer (HF Qwen3VLMoeTextDecoderLayer) forward and backward:
+//   h_mid = h + o_proj(attn(RMSNorm(h)))   (q/k RMSNorm per head, interleaved MRoPE, GQA, causal per document)
+//   h_out = h_mid + MLP(RMSNorm(h_mid))    (sparse MoE block or dense SwiGLU MLP)
+// Padding follows HF's masks: a padding token (after the real tokens of its document) attends to the real
+// tokens of its document only; it still runs through the MLP/MoE but is left out of the routing statistics.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "core/arena.h"
+#include "core/layers/attention_block.h"
+#include "core/layers/moe.h"
+#include "core/model/config.h"
+#include "core/model/param_store.h"
+#include "core/tensor.h"
+
+namespace q3vl {
+
+struct DecoderLayerWeights {
+  Tensor input_norm, post_norm;
+  AttentionWeights attn;
+  bool moe = false;
+  MoeWeights experts;                   // MoE layers: router, fused gate_up [E,H,2I], down [E,I,H]
+  Tensor gate_proj, up_proj, down_proj;  // dense layers: nn.Linear [I,H], [I,H], [H,I]
+};
+
+// Views into a ParamStore (weights or gradients). lm_head is the embedding table when tied, so its
+// gradient lands in the embedding gradient.
+struct TextWeights {
+  Tensor embed;
+  std::vector<DecoderLayerWeights> layers;
+  Tensor final_norm;
+  Tensor lm_head;
+};
+TextWeights text_weights(const ModelConfig& config, const ParamStore& store);
+
+// Per-batch inputs every layer shares.
+struct TextContext {
+  Tensor cos, sin;    // [N, head_dim] MRoPE tables
+  Tensor cu_seqlens;  // i64 [D + 1] documents over the N tokens
+  Tensor doc_real;    // i64 [D] real tokens at the start of each document; the rest is padding
+  Tensor valid;       // u8 [N] 1 = real token
+};
+
+struct DecoderLayerSaved {
+  Tensor h_in, normed1, rstd1;
+  AttentionSaved attn;
+  Tensor h_mid, normed2, rstd2;
+  MoeSaved moe;
+  MoeStats stats;
+  Tensor gate_up, act;  // dense MLP: [N, 2I] projections and [N, I] SwiGLU output
+  Tensor h_out;
+};
+
+AttentionConfig text_attention_config(const TextConfig& config);
+MoeConfig text_moe_config(const TextConfig& config);
+
+// Activation-arena bytes of one layer for n tokens (saved tensors plus the MoE's transient scratch).
+size_t decoder_layer_activation_bytes(const ModelConfig& config, int layer, int64_t n, DType dtype);
+// The part of decoder_layer_activation_bytes the forward only borrows (released before it returns).
+size_t decoder_layer_transient_bytes(const ModelConfig& config, int layer, int64_t n, DType dtype);
+// Scratch-arena bytes of the forward (padding attention) and the backward of one layer.
+size_t decoder_layer_scratch_bytes(const ModelConfig& config, int layer, int64_t n, int64_t max_padding,
+                                   DType dtype);
+
+// h_in [N, H]; writes s.h_out (allocated in acts) and everything the backward needs.
+void decoder_layer_forward(const ModelConfig& config, int layer, const DecoderLayerWeights& w,
+                           const TextContext& ctx, const Tensor& h_in, Arena& acts, Arena& scratch,
+                           DecoderLayerSaved& s);
+
+// dh [N, H] holds d h_out on entry and d h_in on return. aux_dprob [E] (coefficient included) or
+// undefined; parameter gradients accumulate into g.
+void decoder_layer_backward(const ModelConfig& config, int layer, const DecoderLayerWeights& w,
+                            const TextContext& ctx, const DecoderLayerSaved& s, const Tensor& dh,
+                            const Tensor& aux_dprob, const DecoderLayerWeights& g, Arena& scratch);
+
+// Attention output rows of padding queries as HF's masks compute them: each padding token of a document
+// attends (GQA, softmax(q k^T * scale)) to the real tokens of its document. q [N, Hq, D], k and v
+// [N, Hkv, D] are the rotated attention inputs; out [P, Hq, D] receives the padding rows of document d,
+// P = its padding count.
+void padding_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t doc_begin, int64_t real,
+                       double scale, const Tensor& out);
+
+}  // namespace q3vl

@@ -1,0 +1,101 @@
+// The Qwen3-VL vision tower (HF Qwen3VLMoeVisionModel) forward and backward: patch embed, resampled
+// absolute position embedding, 2-D rotary, `depth` pre-norm blocks with block-diagonal attention (one block
+// per temporal patch of each item), DeepStack mergers after the blocks of deepstack_visual_indexes, and
+// the final patch merger. All items (images, then videos) run in one call: every operation is per patch
+// or per temporal patch, so this equals HF's separate image and video calls.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "core/arena.h"
+#include "core/layers/attention_block.h"
+#include "core/layers/vision.h"
+#include "core/model/config.h"
+#include "core/model/param_store.h"
+#include "core/tensor.h"
+
+namespace q3vl {
+
+struct VisionBlockWeights {
+  Tensor norm1_w, norm1_b, norm2_w, norm2_b;
+  AttentionWeights attn;  // wq/wk/wv (and biases) are row ranges of the fused attn.qkv tensors
+  Tensor fc1_w, fc1_b, fc2_w, fc2_b;
+};
+
+// Views into a ParamStore (weights or gradients: the same layout).
+struct VisionTowerWeights {
+  Tensor patch_w, patch_b, pos_table;
+  std::vector<VisionBlockWeights> blocks;
+  PatchMergerWeights merger;
+  std::vector<PatchMergerWeights> deepstack;  // merger k of deepstack_visual_indexes[k]
+};
+VisionTowerWeights vision_tower_weights(const VisionConfig& config, const ParamStore& store);
+
+struct VisionBlockSaved {
+  Tensor x_in;                 // [P, D] block input (the previous block's output)
+  Tensor ln1, mean1, rstd1;    // norm1 output and statistics
+  AttentionSaved attn;
+  Tensor x_mid;                // [P, D] after the attention residual
+  Tensor ln2, mean2, rstd2;
+  Tensor fc1_out, act;         // [P, I] before and after GELU
+  Tensor x_out;                // [P, D]
+};
+
+// Everything the backward needs, plus the outputs. Sized for the config once (no allocation per step);
+// the tensors point into the activation arena. Keeps views of the pixel tensors, which must outlive the
+// backward.
+struct VisionTowerState {
+  explicit VisionTowerState(const VisionConfig& config);
+  Tensor pixel_parts[2];       // images, videos (either may be undefined)
+  Tensor grid;                 // i64 [items, 3] images then videos
+  Tensor cu_seqlens;           // i64 [frames + 1]
+  Tensor pos_idx, pos_weight;  // [P, 4]
+  Tensor cos, sin;             // [P, head_dim]
+  std::vector<VisionBlockSaved> blocks;
+  std::vector<PatchMergerSaved> taps;  // per DeepStack merger
+  PatchMergerSaved merger;
+  Tensor embeds;                   // [P / merge_unit, out_hidden] final merger output
+  std::vector<Tensor> deepstack;   // per DeepStack merger [P / merge_unit, out_hidden], in tap (block) order
+  std::vector<int> tap_merger;     // merger index of the k-th tap in block order
+};
+
+// Sizes of one vision batch.
+struct VisionShape {
+  int64_t patches = 0;  // rows of all pixel tensors
+  int64_t items = 0;    // images + videos
+  int64_t frames = 0;   // sum of t over items (attention blocks)
+};
+
+// Activation-arena bytes of the forward (saved tensors plus the largest transient it borrows there).
+size_t vision_tower_activation_bytes(const VisionConfig& config, const VisionShape& shape, DType dtype);
+// Scratch-arena bytes of the forward (transient) and of the backward (released before returning).
+size_t vision_tower_scratch_bytes(const VisionConfig& config, const VisionShape& shape, DType dtype);
+
+// pixel_parts: up to two [P_i, patch_features] tensors (images, videos; undefined entries are skipped)
+// whose rows follow `grid` (i64 [items, 3]) in order. Fills `state`, outputs included.
+void vision_tower_forward(const VisionConfig& config, const VisionTowerWeights& w, const Tensor& image_pixels,
+                          const Tensor& video_pixels, const Tensor& grid, Arena& acts, Arena& scratch,
+                          VisionTowerState& state);
+
+// d_embeds [M, out_hidden] and d_deepstack (one per tap, in state.deepstack order) are the gradients of
+// the outputs; parameter gradients accumulate into `grads`. The pixels get no gradient.
+void vision_tower_backward(const VisionConfig& config, const VisionTowerWeights& w, const VisionTowerState& state,
+                           const Tensor& d_embeds, std::span<const Tensor> d_deepstack,
+                           const VisionTowerWeights& grads, Arena& scratch);
+
+// HF transformers 5.x get_vision_interpolation_indices_and_weights (bilinear, align_corners=True) for
+// the merge-block patch order, with its fp32 arithmetic: src = index * (G - 1) / max(size - 1, 1),
+// taps floor and min(floor + 1, G - 1), per-axis weights 1 - d (d = src - floor) and 1 - (1 - d), weight =
+// product of the axis weights; corners ordered (top-left, top-right, bottom-left, bottom-right).
+// idx i64 [P, 4] and weight [P, 4] (f32, or f64 holding the fp32 values) written.
+void vision_position_plan(const Tensor& grid, int64_t grid_side, int64_t merge, const Tensor& idx,
+                          const Tensor& weight);
+
+// Rotary coordinates of every patch in the merge-block order of the pixel rows (HF get_vision_position_ids):
+// rows[p], cols[p] i64 [P] written.
+void vision_rotary_coordinates(const Tensor& grid, int64_t merge, const Tensor& rows, const Tensor& cols);
+
+}  // namespace q3vl
