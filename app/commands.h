@@ -7,5 +7,8 @@
 namespace q3vl::app {
 
 int run_selfcheck(const std::vector<std::string>& args);
+int run_forward(const std::vector<std::string>& args);
+int run_plan(const std::vector<std::string>& args);
+int run_pack(const std::vector<std::string>& args);
 
 }  // namespace q3vl::app

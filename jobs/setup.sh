@@ -4,7 +4,8 @@
 set -euo pipefail
 
 packages=(cmake make g++ ccache libeigen3-dev libyaml-cpp-dev libhdf5-dev libopenmpi-dev openmpi-bin
-          nlohmann-json3-dev libpcre2-dev pkg-config libgtest-dev libbenchmark-dev)
+          nlohmann-json3-dev libpcre2-dev libicu-dev libjpeg62-turbo-dev libpng-dev libwebp-dev
+          libavformat-dev libavcodec-dev libswscale-dev libavutil-dev pkg-config libgtest-dev libbenchmark-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,147 @@
+// HF checkpoint loading (key set and shape checks, per-tensor conversion) and saving (config + safetensors).
+#include "io/checkpoint.h"
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <set>
+
+#include "core/check.h"
+#include "core/model/param_specs.h"
+#include "io/float16.h"
+#include "io/hf_config.h"
+
+namespace q3vl::io {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr const char* kLmHead = "lm_head.weight";
+constexpr const char* kEmbedTokens = "model.language_model.embed_tokens.weight";
+
+std::vector<int64_t> dims_of(const Shape& s) { return {s.dims.begin(), s.dims.begin() + s.ndim}; }
+
+// The destination of `spec` from the caller, checked to be a contiguous f32 host tensor of the spec's shape.
+Tensor destination(const ParamSpec& spec, const WeightLookup& lookup, const char* what) {
+  const Tensor t = lookup(spec.hf_key);
+  Q3VL_CHECK(t.defined() && t.dtype() == DType::f32 && t.device() == Device::cpu && t.is_contiguous(), what,
+             ": the weight tensor for '", spec.hf_key, "' is ", t.str(), ", expected contiguous host f32");
+  Q3VL_CHECK(t.shape() == spec.shape, what, ": the weight tensor for '", spec.hf_key, "' has shape ",
+             t.shape().str(), ", expected ", spec.shape.str());
+  return t;
+}
+
+// For a tied model, a stored lm_head.weight is harmless only if it is the embedding table itself.
+void check_tied_head(const SafetensorsDir& ckpt) {
+  const SafetensorsFile& head_file = ckpt.file_of(kLmHead);
+  Q3VL_CHECK(ckpt.contains(kEmbedTokens), "checkpoint ", ckpt.dir(), ": missing tensor '", kEmbedTokens, "'");
+  const StTensorInfo& head = head_file.info(kLmHead);
+  const SafetensorsFile& embed_file = ckpt.file_of(kEmbedTokens);
+  const StTensorInfo& embed = embed_file.info(kEmbedTokens);
+  const bool same = head.dtype == embed.dtype && head.shape == embed.shape &&
+                    std::memcmp(head_file.bytes(head).data(), embed_file.bytes(embed).data(),
+                                head_file.bytes(head).size()) == 0;
+  Q3VL_CHECK(same, "checkpoint ", head_file.path(), ": tensor '", kLmHead, "' differs from '", kEmbedTokens,
+             "' but the config ties them (tie_word_embeddings is true)");
+}
+
+// transformers 5.x holds the fused experts transposed in memory and its save_pretrained writes that layout:
+// gate_up_proj [E, 2I, H] and down_proj [E, H, I] instead of the published [E, H, 2I] / [E, I, H].
+bool is_transposed_experts(const ParamSpec& spec, const StTensorInfo& info) {
+  const Shape& s = spec.shape;
+  return spec.kind == ParamKind::experts && s[1] != s[2] && info.shape == std::vector<int64_t>{s[0], s[2], s[1]};
+}
+
+// Converts a stored [E, B, A] tensor into dst [E, A, B] (f32), tile by tile so reads and writes stay local.
+void read_transposed(std::span<const std::byte> src, StDType dtype, const Tensor& dst) {
+  const int64_t experts = dst.size(0), rows = dst.size(1), cols = dst.size(2);
+  float* out = dst.data<float>();
+  const auto* bytes = src.data();
+  auto value = [&](int64_t i) -> float {
+    if (dtype == StDType::F32) {
+      float f;
+      std::memcpy(&f, bytes + 4 * i, 4);
+      return f;
+    }
+    uint16_t h;
+    std::memcpy(&h, bytes + 2 * i, 2);
+    return dtype == StDType::BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+  };
+  constexpr int64_t kTile = 64;
+  const int64_t col_tiles = (cols + kTile - 1) / kTile;
+#pragma omp parallel for schedule(static) if (experts * rows * cols >= (1 << 16))
+  for (int64_t task = 0; task < experts * col_tiles; ++task) {
+    const int64_t e = task / col_tiles, c0 = (task % col_tiles) * kTile, c1 = std::min(cols, c0 + kTile);
+    for (int64_t r0 = 0; r0 < rows; r0 += kTile)
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < std::min(rows, r0 + kTile); ++r)
+          out[(e * rows + r) * cols + c] = value((e * cols + c) * rows + r);
+  }
+}
+
+}  // namespace
+
+void load_hf_weights(const std::string& dir, const ModelConfig& config, const WeightLookup& lookup) {
+  const SafetensorsDir ckpt(dir);
+  const std::vector<ParamSpec> specs = model_param_specs(config);
+
+  std::set<std::string, std::less<>> expected;
+  for (const ParamSpec& s : specs) expected.insert(s.hf_key);
+  for (const std::string& key : ckpt.keys()) {
+    if (expected.contains(key)) continue;
+    if (key == kLmHead && config.tie_word_embeddings) {
+      check_tied_head(ckpt);
+      continue;
+    }
+    Q3VL_FAIL("checkpoint ", dir, ": unexpected tensor '", key, "' in ", ckpt.file_of(key).path(),
+              " (not a parameter of this ", config.model_type, " config)");
+  }
+  std::vector<std::string> missing;
+  for (const ParamSpec& s : specs)
+    if (!ckpt.contains(s.hf_key)) missing.push_back(s.hf_key);
+  if (!missing.empty()) {
+    std::string list;
+    for (size_t i = 0; i < missing.size() && i < 5; ++i) {
+      list += i ? ", '" : "'";
+      list += missing[i];
+      list += "'";
+    }
+    Q3VL_FAIL("checkpoint ", dir, ": ", missing.size(), " missing tensor(s): ", list, missing.size() > 5 ? ", ..." : "");
+  }
+  // Shapes and dtypes of every tensor before converting any, so a bad checkpoint fails without side effects.
+  for (const ParamSpec& s : specs) {
+    const SafetensorsFile& file = ckpt.file_of(s.hf_key);
+    const StTensorInfo& info = file.info(s.hf_key);
+    Q3VL_CHECK(info.shape == dims_of(s.shape) || is_transposed_experts(s, info), "checkpoint ", file.path(),
+               ": tensor '", s.hf_key, "' has shape ", info.shape_str(), ", expected ", s.shape.str());
+    Q3VL_CHECK(info.dtype == StDType::F32 || info.dtype == StDType::BF16 || info.dtype == StDType::F16,
+               "checkpoint ", file.path(), ": tensor '", s.hf_key, "' has dtype ", st_dtype_name(info.dtype),
+               ", expected F32, BF16 or F16");
+    destination(s, lookup, "checkpoint load");
+  }
+  for (const ParamSpec& s : specs) {
+    const Tensor dst = destination(s, lookup, "checkpoint load");
+    const SafetensorsFile& file = ckpt.file_of(s.hf_key);
+    const StTensorInfo& info = file.info(s.hf_key);
+    if (info.shape == dims_of(s.shape))
+      file.read(s.hf_key, dst);
+    else
+      read_transposed(file.bytes(info), info.dtype, dst);
+  }
+}
+
+StDirLayout save_hf_checkpoint(const std::string& dir, const ModelConfig& config, const WeightLookup& lookup,
+                               DType dtype, uint64_t max_shard_bytes) {
+  std::vector<StWriteEntry> entries;
+  for (const ParamSpec& s : model_param_specs(config))
+    entries.push_back({s.hf_key, destination(s, lookup, "checkpoint save")});
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  Q3VL_CHECK(!ec, "checkpoint: cannot create directory ", dir, ": ", ec.message());
+  StDirLayout layout = write_safetensors_dir(dir, entries, dtype, max_shard_bytes);
+  write_hf_config((fs::path(dir) / "config.json").string(), config, dtype);
+  return layout;
+}
+
+}  // namespace q3vl::io

@@ -1,0 +1,85 @@
+// The trainer's data loader: reads the shards listed in a pack manifest, shuffles the packed sequences
+// deterministically by (seed, epoch), gives each data-parallel rank its own slice, and builds batches on a
+// background thread: tokens, labels, cu_seqlens (one attention block per document), 3-D position ids
+// (SPEC get_rope_index, restarting per document), normalised patches and grids.
+//
+// State: (seed, epoch, position) is everything the order depends on (the shuffle is a pure function of
+// seed and epoch through counter-based Philox), so a checkpoint saves state() and a resume passes it to
+// restore() (or LoaderOptions::state) and continues with exactly the batches it would have produced.
+//
+// Order: each epoch permutes all N sequences; rank r takes permuted entries r, r + world, ... (N / world of
+// them, the remainder dropped so ranks stay in step), grouped into batches of sequences_per_batch (a
+// partial last batch is dropped). Opening validates every shard against the manifest (errors name the file
+// and dataset).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "io/shard_format.h"
+
+namespace q3vl::io {
+
+struct LoaderState {
+  uint64_t seed = 0;
+  int64_t epoch = 0;
+  int64_t position = 0;  // next batch index within the epoch (this rank's batches)
+  std::string to_json() const;
+  static LoaderState from_json(const std::string& text);
+  bool operator==(const LoaderState&) const = default;
+};
+
+struct LoaderOptions {
+  std::string dir;  // the pack output folder (manifest.json and shards)
+  LoaderState state;  // where to start (seed, epoch, position)
+  int rank = 0, world = 1;
+  int sequences_per_batch = 1;
+  int prefetch = 2;  // batches built ahead on the background thread
+};
+
+struct Batch {
+  std::vector<int32_t> tokens, labels;       // [N], the batch's sequences concatenated
+  std::vector<int32_t> cu_seqlens;           // [documents + 1], document boundaries in tokens
+  std::vector<int64_t> position_ids;         // [3, N] row-major: T, H, W rows
+  std::vector<float> pixel_values;           // [patches, 1536], items in sequence order
+  std::vector<int32_t> grid_thw;             // [items, 3], items in sequence order
+  std::vector<uint8_t> item_kind;            // [items], 0 image, 1 video
+  std::vector<int64_t> sequence_ids;         // global index (manifest order) of each packed sequence
+  LoaderState state_after;                   // the loader state once this batch is consumed
+  int64_t num_tokens() const { return static_cast<int64_t>(tokens.size()); }
+};
+
+// SPEC get_rope_index for one document: text runs count up on all three rows; each vision span (an image,
+// or one temporal patch of a video) starting at s takes T = s, H = s + row, W = s + col over its merged
+// grid, and the next text starts at s + max(h', w'). `items` are the document's items in sequence order;
+// an item's first pad run starts at item.token_offset (its pad id is the token there; a video's later runs
+// are the next runs of that id). Writes tokens.size() values to each of t, h, w.
+void document_position_ids(const std::vector<int32_t>& tokens, const std::vector<ShardItem>& items, int64_t* t,
+                           int64_t* h, int64_t* w);
+
+class Loader {
+ public:
+  explicit Loader(const LoaderOptions& options);
+  ~Loader();
+  Loader(const Loader&) = delete;
+  Loader& operator=(const Loader&) = delete;
+
+  // The next batch (waits for the background thread; rethrows its errors).
+  Batch next();
+  // State after the last batch returned by next() (the options' state before the first).
+  LoaderState state() const;
+  // Continues from `state` (drops batches built ahead).
+  void restore(const LoaderState& state);
+
+  int64_t num_sequences() const;        // in the manifest
+  int64_t batches_per_epoch() const;    // for this rank
+  const Manifest& manifest() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace q3vl::io
