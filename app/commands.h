@@ -10,5 +10,6 @@ int run_selfcheck(const std::vector<std::string>& args);
 int run_forward(const std::vector<std::string>& args);
 int run_plan(const std::vector<std::string>& args);
 int run_pack(const std::vector<std::string>& args);
+int run_tokenize(const std::vector<std::string>& args);
 
 }  // namespace q3vl::app

@@ -15,7 +15,8 @@ int main(int argc, char** argv) {
                  "  selfcheck [--steps N] [--tokens N]   train a tiny MoE layer stack for N SGD steps (default 20), with timings\n"
                  "  forward --model HF_DIR --batch IN.h5 --out OUT.h5   fp32 forward: logits, loss, aux_loss\n"
                  "  plan --model FLAVOR_OR_DIR [--tokens N] [--seq-len S] [--patches-per-image P]   sizes, FLOPs, memory\n"
-                 "  pack --input F --tokenizer T --out DIR [...]   pack samples into HDF5 shards\n";
+                 "  pack --input F --tokenizer T --out DIR [...]   pack samples into HDF5 shards\n"
+                 "  tokenize --tokenizer tokenizer.json [--decode]   text on stdin -> JSON ids (or back)\n";
     return args.empty() ? 1 : 0;
   }
   try {
@@ -25,6 +26,7 @@ int main(int argc, char** argv) {
     if (cmd == "forward") return q3vl::app::run_forward(args);
     if (cmd == "plan") return q3vl::app::run_plan(args);
     if (cmd == "pack") return q3vl::app::run_pack(args);
+    if (cmd == "tokenize") return q3vl::app::run_tokenize(args);
     std::cerr << "q3vl: unknown command '" << cmd << "' (see q3vl --help)\n";
     return 1;
   } catch (const std::exception& e) {

@@ -27,8 +27,8 @@ Tensor destination(const ParamSpec& spec, const WeightLookup& lookup, const char
   const Tensor t = lookup(spec.hf_key);
   Q3VL_CHECK(t.defined() && t.dtype() == DType::f32 && t.device() == Device::cpu && t.is_contiguous(), what,
              ": the weight tensor for '", spec.hf_key, "' is ", t.str(), ", expected contiguous host f32");
-  Q3VL_CHECK(t.shape() == spec.shape, what, ": the weight tensor for '", spec.hf_key, "' has shape ",
-             t.shape().str(), ", expected ", spec.shape.str());
+  Q3VL_CHECK(t.shape() == spec.shape, what, ": the weight tensor for '", spec.hf_key, "' has shape ", t.shape().str(),
+             ", expected ", spec.shape.str());
   return t;
 }
 
@@ -39,9 +39,9 @@ void check_tied_head(const SafetensorsDir& ckpt) {
   const StTensorInfo& head = head_file.info(kLmHead);
   const SafetensorsFile& embed_file = ckpt.file_of(kEmbedTokens);
   const StTensorInfo& embed = embed_file.info(kEmbedTokens);
-  const bool same = head.dtype == embed.dtype && head.shape == embed.shape &&
-                    std::memcmp(head_file.bytes(head).data(), embed_file.bytes(embed).data(),
-                                head_file.bytes(head).size()) == 0;
+  const bool same =
+      head.dtype == embed.dtype && head.shape == embed.shape &&
+      std::memcmp(head_file.bytes(head).data(), embed_file.bytes(embed).data(), head_file.bytes(head).size()) == 0;
   Q3VL_CHECK(same, "checkpoint ", head_file.path(), ": tensor '", kLmHead, "' differs from '", kEmbedTokens,
              "' but the config ties them (tie_word_embeddings is true)");
 }
@@ -107,7 +107,8 @@ void load_hf_weights(const std::string& dir, const ModelConfig& config, const We
       list += missing[i];
       list += "'";
     }
-    Q3VL_FAIL("checkpoint ", dir, ": ", missing.size(), " missing tensor(s): ", list, missing.size() > 5 ? ", ..." : "");
+    Q3VL_FAIL("checkpoint ", dir, ": ", missing.size(), " missing tensor(s): ", list,
+              missing.size() > 5 ? ", ..." : "");
   }
   // Shapes and dtypes of every tensor before converting any, so a bad checkpoint fails without side effects.
   for (const ParamSpec& s : specs) {
@@ -115,8 +116,8 @@ void load_hf_weights(const std::string& dir, const ModelConfig& config, const We
     const StTensorInfo& info = file.info(s.hf_key);
     Q3VL_CHECK(info.shape == dims_of(s.shape) || is_transposed_experts(s, info), "checkpoint ", file.path(),
                ": tensor '", s.hf_key, "' has shape ", info.shape_str(), ", expected ", s.shape.str());
-    Q3VL_CHECK(info.dtype == StDType::F32 || info.dtype == StDType::BF16 || info.dtype == StDType::F16,
-               "checkpoint ", file.path(), ": tensor '", s.hf_key, "' has dtype ", st_dtype_name(info.dtype),
+    Q3VL_CHECK(info.dtype == StDType::F32 || info.dtype == StDType::BF16 || info.dtype == StDType::F16, "checkpoint ",
+               file.path(), ": tensor '", s.hf_key, "' has dtype ", st_dtype_name(info.dtype),
                ", expected F32, BF16 or F16");
     destination(s, lookup, "checkpoint load");
   }

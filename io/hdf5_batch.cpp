@@ -68,16 +68,20 @@ struct DatasetInfo {
 
 const char* class_name(H5T_class_t c) {
   switch (c) {
-    case H5T_INTEGER: return "integer";
-    case H5T_FLOAT: return "float";
-    case H5T_STRING: return "string";
-    default: return "non-numeric";
+    case H5T_INTEGER:
+      return "integer";
+    case H5T_FLOAT:
+      return "float";
+    case H5T_STRING:
+      return "string";
+    default:
+      return "non-numeric";
   }
 }
 
 // Opens `name` and checks its element type (class, size, signedness) and rank (-1: any).
-DatasetInfo open_dataset(hid_t file, const std::string& path, const std::string& name, H5T_class_t cls,
-                         size_t size, int rank) {
+DatasetInfo open_dataset(hid_t file, const std::string& path, const std::string& name, H5T_class_t cls, size_t size,
+                         int rank) {
   DatasetInfo info;
   info.dataset = H5Handle(H5Dopen2(file, name.c_str(), H5P_DEFAULT), H5Dclose);
   Q3VL_CHECK(info.dataset.valid(), "hdf5 ", path, ": cannot open dataset '", name, "'");
@@ -94,7 +98,8 @@ DatasetInfo open_dataset(hid_t file, const std::string& path, const std::string&
   std::vector<hsize_t> dims(static_cast<size_t>(std::max(got_rank, 0)));
   if (got_rank > 0) H5Sget_simple_extent_dims(space.get(), dims.data(), nullptr);
   for (hsize_t d : dims) info.shape.push_back(static_cast<int64_t>(d));
-  Q3VL_CHECK(rank < 0 || got_rank == rank, "hdf5 ", path, ": dataset '", name, "' has rank ", got_rank, ", expected ", rank);
+  Q3VL_CHECK(rank < 0 || got_rank == rank, "hdf5 ", path, ": dataset '", name, "' has rank ", got_rank, ", expected ",
+             rank);
   return info;
 }
 
@@ -129,8 +134,8 @@ void read_vision(hid_t file, const std::string& path, const std::set<std::string
                  const char* grid_name, const BatchLimits& limits, std::vector<float>& pixels,
                  std::vector<int64_t>& grid) {
   const bool has_pixels = present.contains(pixels_name), has_grid = present.contains(grid_name);
-  Q3VL_CHECK(has_pixels == has_grid, "hdf5 ", path, ": dataset '", has_pixels ? pixels_name : grid_name,
-             "' needs '", has_pixels ? grid_name : pixels_name, "' too");
+  Q3VL_CHECK(has_pixels == has_grid, "hdf5 ", path, ": dataset '", has_pixels ? pixels_name : grid_name, "' needs '",
+             has_pixels ? grid_name : pixels_name, "' too");
   if (!has_pixels) return;
   const DatasetInfo g = open_dataset(file, path, grid_name, H5T_INTEGER, 8, 2);
   Q3VL_CHECK(g.shape[1] == 3, "hdf5 ", path, ": dataset '", grid_name, "' has shape ", shape_str(g.shape),
@@ -138,10 +143,10 @@ void read_vision(hid_t file, const std::string& path, const std::set<std::string
   grid = read_all<int64_t>(g, H5T_NATIVE_INT64, path, grid_name);
   for (size_t i = 0; i < grid.size(); i += 3) {
     const int64_t t = grid[i], h = grid[i + 1], w = grid[i + 2];
-    Q3VL_CHECK(t >= 1 && h >= 1 && w >= 1, "hdf5 ", path, ": dataset '", grid_name, "' row ", i / 3, " = [", t, ",",
-               h, ",", w, "] has an entry below 1");
-    Q3VL_CHECK(h % limits.spatial_merge_size == 0 && w % limits.spatial_merge_size == 0, "hdf5 ", path,
-               ": dataset '", grid_name, "' row ", i / 3, " = [", t, ",", h, ",", w,
+    Q3VL_CHECK(t >= 1 && h >= 1 && w >= 1, "hdf5 ", path, ": dataset '", grid_name, "' row ", i / 3, " = [", t, ",", h,
+               ",", w, "] has an entry below 1");
+    Q3VL_CHECK(h % limits.spatial_merge_size == 0 && w % limits.spatial_merge_size == 0, "hdf5 ", path, ": dataset '",
+               grid_name, "' row ", i / 3, " = [", t, ",", h, ",", w,
                "]: h and w must be multiples of the spatial merge size ", limits.spatial_merge_size);
   }
   const DatasetInfo p = open_dataset(file, path, pixels_name, H5T_FLOAT, 4, 2);
@@ -169,9 +174,9 @@ void write_dataset(hid_t file, const std::string& path, const std::string& name,
     Q3VL_CHECK(d >= 0, "hdf5 ", path, ": dataset '", name, "' has negative dimension in ", shape_str(shape));
     dims.push_back(static_cast<hsize_t>(d));
   }
-  const H5Handle space(shape.empty() ? H5Screate(H5S_SCALAR)
-                                     : H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr),
-                       H5Sclose);
+  const H5Handle space(
+      shape.empty() ? H5Screate(H5S_SCALAR) : H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr),
+      H5Sclose);
   const H5Handle links(H5Pcreate(H5P_LINK_CREATE), H5Pclose);
   H5Pset_create_intermediate_group(links.get(), 1);
   const H5Handle dataset(H5Dcreate2(file, name.c_str(), file_type, space.get(), links.get(), H5P_DEFAULT, H5P_DEFAULT),
@@ -193,8 +198,8 @@ HostBatch read_hdf5_batch(const std::string& path, const BatchLimits& limits) {
   const H5Handle file = open_file(path);
   const QuietErrors quiet;
 
-  static const std::set<std::string> kKnown{"input_ids",      "attention_mask",      "labels",
-                                            "pixel_values",   "image_grid_thw",      "pixel_values_videos",
+  static const std::set<std::string> kKnown{"input_ids",      "attention_mask",   "labels",
+                                            "pixel_values",   "image_grid_thw",   "pixel_values_videos",
                                             "video_grid_thw", "mm_token_type_ids"};
   std::set<std::string> present;
   H5G_info_t group{};
@@ -238,8 +243,8 @@ HostBatch read_hdf5_batch(const std::string& path, const BatchLimits& limits) {
     for (int64_t r = 0; r < b.batch; ++r) {
       const int64_t* row = b.attention_mask.data() + r * b.seq_len;
       for (int64_t s = 0; s < b.seq_len; ++s) {
-        Q3VL_CHECK(row[s] == 0 || row[s] == 1, "hdf5 ", path, ": dataset 'attention_mask' has value ", row[s],
-                   " at [", r, ",", s, "], expected 0 or 1");
+        Q3VL_CHECK(row[s] == 0 || row[s] == 1, "hdf5 ", path, ": dataset 'attention_mask' has value ", row[s], " at [",
+                   r, ",", s, "], expected 0 or 1");
         Q3VL_CHECK(s == 0 || row[s] <= row[s - 1], "hdf5 ", path, ": dataset 'attention_mask' row ", r,
                    " is not right-padded (a 1 follows a 0 at position ", s, ")");
       }
@@ -286,17 +291,17 @@ HostBatch read_hdf5_batch(const std::string& path, const BatchLimits& limits) {
 void write_hdf5_batch(const std::string& path, const HostBatch& b) {
   Hdf5Writer w(path);
   const std::vector<int64_t> bs{b.batch, b.seq_len};
-  Q3VL_CHECK(static_cast<int64_t>(b.input_ids.size()) == b.batch * b.seq_len, "hdf5 ", path,
-             ": input_ids has ", b.input_ids.size(), " values for shape ", shape_str(bs));
+  Q3VL_CHECK(static_cast<int64_t>(b.input_ids.size()) == b.batch * b.seq_len, "hdf5 ", path, ": input_ids has ",
+             b.input_ids.size(), " values for shape ", shape_str(bs));
   w.write("input_ids", b.input_ids.data(), bs);
   if (!b.attention_mask.empty()) w.write("attention_mask", b.attention_mask.data(), bs);
   if (!b.labels.empty()) w.write("labels", b.labels.data(), bs);
   auto vision = [&](const char* pixels_name, const std::vector<float>& pixels, const char* grid_name,
                     const std::vector<int64_t>& grid) {
     if (grid.empty() && pixels.empty()) return;
-    Q3VL_CHECK(b.patch_features > 0 && pixels.size() % static_cast<size_t>(b.patch_features) == 0 &&
-                   grid.size() % 3 == 0,
-               "hdf5 ", path, ": ", pixels_name, " / ", grid_name, " sizes do not match [N,F] / [n,3]");
+    Q3VL_CHECK(
+        b.patch_features > 0 && pixels.size() % static_cast<size_t>(b.patch_features) == 0 && grid.size() % 3 == 0,
+        "hdf5 ", path, ": ", pixels_name, " / ", grid_name, " sizes do not match [N,F] / [n,3]");
     w.write(pixels_name, pixels.data(), {static_cast<int64_t>(pixels.size()) / b.patch_features, b.patch_features});
     w.write(grid_name, grid.data(), {static_cast<int64_t>(grid.size()) / 3, 3});
   };

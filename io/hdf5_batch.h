@@ -21,12 +21,12 @@ namespace q3vl::io {
 
 struct HostBatch {
   int64_t batch = 0, seq_len = 0;
-  std::vector<int64_t> input_ids;       // [batch, seq_len]
-  std::vector<int64_t> attention_mask;  // [batch, seq_len], empty when absent
-  std::vector<int64_t> labels;          // [batch, seq_len], empty when absent
-  int64_t patch_features = 0;           // F
-  std::vector<float> pixel_values;      // [image_patches, F]
-  std::vector<int64_t> image_grid_thw;  // [images, 3]
+  std::vector<int64_t> input_ids;          // [batch, seq_len]
+  std::vector<int64_t> attention_mask;     // [batch, seq_len], empty when absent
+  std::vector<int64_t> labels;             // [batch, seq_len], empty when absent
+  int64_t patch_features = 0;              // F
+  std::vector<float> pixel_values;         // [image_patches, F]
+  std::vector<int64_t> image_grid_thw;     // [images, 3]
   std::vector<float> pixel_values_videos;  // [video_patches, F]
   std::vector<int64_t> video_grid_thw;     // [videos, 3]
 
@@ -39,9 +39,9 @@ struct HostBatch {
 struct BatchLimits {
   int64_t patch_features = 1536;
   int64_t spatial_merge_size = 2;
-  int64_t vocab_size = 0;        // > 0: input_ids and labels must be below it
-  int64_t image_token_id = -1;   // >= 0: count of this token must equal image_patches / merge^2
-  int64_t video_token_id = -1;   // >= 0: same for videos
+  int64_t vocab_size = 0;       // > 0: input_ids and labels must be below it
+  int64_t image_token_id = -1;  // >= 0: count of this token must equal image_patches / merge^2
+  int64_t video_token_id = -1;  // >= 0: same for videos
 };
 
 HostBatch read_hdf5_batch(const std::string& path, const BatchLimits& limits = {});
@@ -65,7 +65,7 @@ class Hdf5Writer {
   void write(const std::string& name, const int32_t* data, const std::vector<int64_t>& shape);
   // A contiguous host f32 tensor (an f64 tensor is rounded to f32).
   void write(const std::string& name, const Tensor& t);
-  void write_scalar(const std::string& name, double value);  // float64 scalar dataset
+  void write_scalar(const std::string& name, double value);   // float64 scalar dataset
   void write_scalar(const std::string& name, int64_t value);  // int64 scalar dataset
   void close();
 

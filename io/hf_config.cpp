@@ -92,7 +92,8 @@ class Section {
   }
   void require_value(const std::string& key, const json& only, const char* why) {
     const json* v = find(key);
-    if (v != nullptr && *v != only) fail(key, "is " + v->dump() + "; only " + only.dump() + " is supported (" + why + ")");
+    if (v != nullptr && *v != only)
+      fail(key, "is " + v->dump() + "; only " + only.dump() + " is supported (" + why + ")");
   }
 
   // Rejects every key that no getter asked for.
@@ -171,7 +172,8 @@ TextConfig parse_text(Section& t, bool moe, const std::string& source) {
     if (has_local) {
       const int local = t.get_int32("num_local_experts", 60);
       if (has_experts && local != c.num_experts)
-        t.fail("num_local_experts", "is " + std::to_string(local) + " but num_experts is " + std::to_string(c.num_experts));
+        t.fail("num_local_experts",
+               "is " + std::to_string(local) + " but num_experts is " + std::to_string(c.num_experts));
       c.num_experts = local;
     }
     c.num_experts_per_tok = t.get_int32("num_experts_per_tok", 4);
@@ -199,8 +201,7 @@ TextConfig parse_text(Section& t, bool moe, const std::string& source) {
   parse_rope_block(t, "rope_parameters", rope, source);
   if (t.has("rope_theta")) {
     const double theta = t.get_double("rope_theta", 0);
-    if (rope.theta && *rope.theta != theta)
-      t.fail("rope_theta", "disagrees with rope_parameters.rope_theta");
+    if (rope.theta && *rope.theta != theta) t.fail("rope_theta", "disagrees with rope_parameters.rope_theta");
     rope.theta = theta;
   }
   c.rope_theta = rope.theta.value_or(500000.0);  // HF's default_theta for these configs
@@ -248,10 +249,14 @@ std::string architecture_of(const std::string& model_type) {
 
 std::string dtype_json_name(DType dt) {
   switch (dt) {
-    case DType::f32: return "float32";
-    case DType::bf16: return "bfloat16";
-    case DType::f16: return "float16";
-    default: Q3VL_FAIL("config.json: checkpoint dtype ", dtype_name(dt), " is not f32, bf16 or f16");
+    case DType::f32:
+      return "float32";
+    case DType::bf16:
+      return "bfloat16";
+    case DType::f16:
+      return "float16";
+    default:
+      Q3VL_FAIL("config.json: checkpoint dtype ", dtype_name(dt), " is not f32, bf16 or f16");
   }
 }
 
@@ -441,8 +446,8 @@ ModelConfig load_model_config(const std::string& name_or_path) {
     if (!known.empty()) known += ", ";
     known += n;
   }
-  Q3VL_FAIL("config: '", name_or_path, "' is neither a directory with config.json, a .json file, nor a flavor (",
-            known, ")");
+  Q3VL_FAIL("config: '", name_or_path, "' is neither a directory with config.json, a .json file, nor a flavor (", known,
+            ")");
 }
 
 }  // namespace q3vl::io

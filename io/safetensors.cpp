@@ -35,11 +35,21 @@ struct DTypeRow {
 };
 
 constexpr std::array<DTypeRow, 15> kDTypes{{
-    {StDType::BOOL, "BOOL", 1},   {StDType::U8, "U8", 1},     {StDType::I8, "I8", 1},
-    {StDType::F8_E5M2, "F8_E5M2", 1}, {StDType::F8_E4M3, "F8_E4M3", 1}, {StDType::I16, "I16", 2},
-    {StDType::U16, "U16", 2},     {StDType::F16, "F16", 2},   {StDType::BF16, "BF16", 2},
-    {StDType::I32, "I32", 4},     {StDType::U32, "U32", 4},   {StDType::F32, "F32", 4},
-    {StDType::F64, "F64", 8},     {StDType::I64, "I64", 8},   {StDType::U64, "U64", 8},
+    {StDType::BOOL, "BOOL", 1},
+    {StDType::U8, "U8", 1},
+    {StDType::I8, "I8", 1},
+    {StDType::F8_E5M2, "F8_E5M2", 1},
+    {StDType::F8_E4M3, "F8_E4M3", 1},
+    {StDType::I16, "I16", 2},
+    {StDType::U16, "U16", 2},
+    {StDType::F16, "F16", 2},
+    {StDType::BF16, "BF16", 2},
+    {StDType::I32, "I32", 4},
+    {StDType::U32, "U32", 4},
+    {StDType::F32, "F32", 4},
+    {StDType::F64, "F64", 8},
+    {StDType::I64, "I64", 8},
+    {StDType::U64, "U64", 8},
 }};
 
 // The crate refuses headers above 100 MB; so do we (a corrupt length must not make us parse gigabytes).
@@ -93,25 +103,20 @@ void encode(const void* src, DType from, int64_t count, DType to, std::byte* out
     std::memcpy(out, in, static_cast<size_t>(count) * dtype_size(from));
     return;
   }
-  Q3VL_CHECK(is_float_storage(from) && is_float_storage(to), "cannot store ", dtype_name(from), " as ",
-             dtype_name(to));
-  if (from == DType::f32) {
-    // Lambdas, not function pointers, so the conversions inline into the loops.
-    if (to == DType::bf16) return convert_loop<float, uint16_t>(in, count, out, [](float f) { return f32_to_bf16(f); });
-    return convert_loop<float, uint16_t>(in, count, out, [](float f) { return f32_to_f16(f); });
-  }
+  Q3VL_CHECK(is_float_storage(from) && is_float_storage(to), "cannot store ", dtype_name(from), " as ", dtype_name(to));
+  // Lambdas, not function pointers, so the conversions inline into the loops.
+  if (from == DType::f32 && to == DType::bf16)
+    return convert_loop<float, uint16_t>(in, count, out, [](float f) { return f32_to_bf16(f); });
+  if (from == DType::f32) return convert_loop<float, uint16_t>(in, count, out, [](float f) { return f32_to_f16(f); });
+  if (to == DType::f32 && from == DType::bf16)
+    return convert_loop<uint16_t, float>(in, count, out, [](uint16_t h) { return bf16_to_f32(h); });
+  if (to == DType::f32) return convert_loop<uint16_t, float>(in, count, out, [](uint16_t h) { return f16_to_f32(h); });
   const auto widen = from == DType::bf16 ? bf16_to_f32 : f16_to_f32;
-  if (to == DType::f32) {
-    if (from == DType::bf16) return convert_loop<uint16_t, float>(in, count, out, [](uint16_t h) { return bf16_to_f32(h); });
-    return convert_loop<uint16_t, float>(in, count, out, [](uint16_t h) { return f16_to_f32(h); });
-  }
   const auto narrow = to == DType::bf16 ? f32_to_bf16 : f32_to_f16;
   convert_loop<uint16_t, uint16_t>(in, count, out, [&](uint16_t h) { return narrow(widen(h)); });
 }
 
-DType stored_dtype(const Tensor& t, DType float_dtype) {
-  return is_float_storage(t.dtype()) ? float_dtype : t.dtype();
-}
+DType stored_dtype(const Tensor& t, DType float_dtype) { return is_float_storage(t.dtype()) ? float_dtype : t.dtype(); }
 
 std::vector<int64_t> shape_vector(const Tensor& t) {
   std::vector<int64_t> s(static_cast<size_t>(t.ndim()));
@@ -119,16 +124,21 @@ std::vector<int64_t> shape_vector(const Tensor& t) {
   return s;
 }
 
-// Writes data to `path` through "<path>.tmp" + rename; `emit` streams the content into the stream.
+// Writes `path` through "<path>.tmp" + rename; `emit` streams the content. A failed write removes the
+// temporary file and leaves any earlier `path` untouched.
 template <class Emit>
 void write_atomically(const std::string& path, Emit&& emit) {
   const std::string tmp = path + ".tmp";
-  {
+  try {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
     Q3VL_CHECK(out, "cannot open ", tmp, " for writing: ", std::strerror(errno));
     emit(out);
     out.flush();
     Q3VL_CHECK(out, "write to ", tmp, " failed: ", std::strerror(errno));
+  } catch (...) {
+    std::error_code ignored;
+    fs::remove(tmp, ignored);
+    throw;
   }
   std::error_code ec;
   fs::rename(tmp, path, ec);
@@ -148,26 +158,41 @@ std::optional<StDType> parse_st_dtype(std::string_view name) {
 
 std::optional<DType> to_dtype(StDType dt) {
   switch (dt) {
-    case StDType::F32: return DType::f32;
-    case StDType::F64: return DType::f64;
-    case StDType::BF16: return DType::bf16;
-    case StDType::F16: return DType::f16;
-    case StDType::I32: return DType::i32;
-    case StDType::I64: return DType::i64;
-    case StDType::U8: return DType::u8;
-    default: return std::nullopt;
+    case StDType::F32:
+      return DType::f32;
+    case StDType::F64:
+      return DType::f64;
+    case StDType::BF16:
+      return DType::bf16;
+    case StDType::F16:
+      return DType::f16;
+    case StDType::I32:
+      return DType::i32;
+    case StDType::I64:
+      return DType::i64;
+    case StDType::U8:
+      return DType::u8;
+    default:
+      return std::nullopt;
   }
 }
 
 StDType to_st_dtype(DType dt) {
   switch (dt) {
-    case DType::f32: return StDType::F32;
-    case DType::f64: return StDType::F64;
-    case DType::bf16: return StDType::BF16;
-    case DType::f16: return StDType::F16;
-    case DType::i32: return StDType::I32;
-    case DType::i64: return StDType::I64;
-    case DType::u8: return StDType::U8;
+    case DType::f32:
+      return StDType::F32;
+    case DType::f64:
+      return StDType::F64;
+    case DType::bf16:
+      return StDType::BF16;
+    case DType::f16:
+      return StDType::F16;
+    case DType::i32:
+      return StDType::I32;
+    case DType::i64:
+      return StDType::I64;
+    case DType::u8:
+      return StDType::U8;
   }
   Q3VL_FAIL("unknown dtype ", static_cast<int>(dt));
 }
@@ -180,13 +205,12 @@ int64_t StTensorInfo::numel() const {
 
 std::string StTensorInfo::shape_str() const { return shape_string(shape); }
 
-void convert_into(std::span<const std::byte> src_bytes, StDType src_dtype, const Tensor& dst,
-                  const std::string& what) {
+void convert_into(std::span<const std::byte> src_bytes, StDType src_dtype, const Tensor& dst, const std::string& what) {
   Q3VL_CHECK(dst.device() == Device::cpu && dst.is_contiguous(), what, ": destination ", dst.str(),
              " is not contiguous host memory");
   const int64_t count = dst.numel();
-  Q3VL_CHECK(src_bytes.size() == static_cast<size_t>(count) * st_dtype_size(src_dtype), what, ": ",
-             src_bytes.size(), " bytes of ", st_dtype_name(src_dtype), " do not fill destination ", dst.str());
+  Q3VL_CHECK(src_bytes.size() == static_cast<size_t>(count) * st_dtype_size(src_dtype), what, ": ", src_bytes.size(),
+             " bytes of ", st_dtype_name(src_dtype), " do not fill destination ", dst.str());
   const std::optional<DType> same = to_dtype(src_dtype);
   if (same && *same == dst.dtype()) {
     std::memcpy(dst.raw(), src_bytes.data(), src_bytes.size());
@@ -276,8 +300,8 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
       const std::optional<uint64_t> nbytes = checked_nbytes(info.shape, st_dtype_size(info.dtype));
       if (!nbytes) bad("shape ", info.shape_str(), " overflows");
       if (*nbytes != info.end - info.begin)
-        bad("data_offsets [", info.begin, ",", info.end, "] hold ", info.end - info.begin, " bytes but ",
-            dtype_text, info.shape_str(), " needs ", *nbytes);
+        bad("data_offsets [", info.begin, ",", info.end, "] hold ", info.end - info.begin, " bytes but ", dtype_text,
+            info.shape_str(), " needs ", *nbytes);
       tensors_.push_back(std::move(info));
     }
 
@@ -356,8 +380,8 @@ Tensor SafetensorsFile::view(const StTensorInfo& t) const {
   const std::optional<DType> dt = to_dtype(t.dtype);
   Q3VL_CHECK(dt.has_value(), "safetensors: ", path_, ": tensor '", t.key, "' has dtype ", st_dtype_name(t.dtype),
              ", which q3vl tensors cannot describe");
-  Q3VL_CHECK(static_cast<int>(t.shape.size()) <= kMaxDims, "safetensors: ", path_, ": tensor '", t.key,
-             "' has ", t.shape.size(), " dimensions, more than ", kMaxDims);
+  Q3VL_CHECK(static_cast<int>(t.shape.size()) <= kMaxDims, "safetensors: ", path_, ": tensor '", t.key, "' has ",
+             t.shape.size(), " dimensions, more than ", kMaxDims);
   Shape s;
   for (int64_t d : t.shape) s.dims[s.ndim++] = d;
   return Tensor(const_cast<std::byte*>(bytes(t).data()), *dt, s);
@@ -414,8 +438,9 @@ SafetensorsDir::SafetensorsDir(const std::string& dir) : dir_(dir) {
     Q3VL_CHECK(file.is_string(), "safetensors: ", index_path.string(), ": weight_map entry '", key,
                "' is not a file name");
     const std::string name = file.get<std::string>();
-    Q3VL_CHECK(name.find('/') == std::string::npos && name != ".." && !name.empty(), "safetensors: ",
-               index_path.string(), ": weight_map entry '", key, "' names '", name, "', not a file in ", dir);
+    Q3VL_CHECK(name.find('/') == std::string::npos && name != ".." && !name.empty(),
+               "safetensors: ", index_path.string(), ": weight_map entry '", key, "' names '", name,
+               "', not a file in ", dir);
     auto [it, inserted] = file_position.emplace(name, files_.size());
     if (inserted) {
       const fs::path shard = fs::path(dir) / name;
@@ -424,15 +449,16 @@ SafetensorsDir::SafetensorsDir(const std::string& dir) : dir_(dir) {
       files_.emplace_back(shard.string());
     }
     const SafetensorsFile& f = files_[it->second];
-    Q3VL_CHECK(f.find(key) != nullptr, "safetensors: ", index_path.string(), " maps '", key, "' to ",
-               f.path(), ", which has no such tensor");
+    Q3VL_CHECK(f.find(key) != nullptr, "safetensors: ", index_path.string(), " maps '", key, "' to ", f.path(),
+               ", which has no such tensor");
     file_index_.emplace(key, it->second);
   }
   for (size_t i = 0; i < files_.size(); ++i)
     for (const StTensorInfo& t : files_[i].tensors()) {
       const auto it = file_index_.find(t.key);
       Q3VL_CHECK(it != file_index_.end() && it->second == i, "safetensors: ", files_[i].path(), " holds tensor '",
-                 t.key, "', which ", index_path.string(), (it == file_index_.end() ? " does not list" : " maps elsewhere"));
+                 t.key, "', which ", index_path.string(),
+                 (it == file_index_.end() ? " does not list" : " maps elsewhere"));
     }
 }
 
@@ -475,8 +501,8 @@ void write_safetensors_file(const std::string& path, const std::vector<StWriteEn
     return da != db ? da > db : a->key < b->key;
   });
   for (size_t i = 1; i < order.size(); ++i)
-    Q3VL_CHECK(order[i - 1]->key != order[i]->key, "safetensors: writing ", path, ": duplicate tensor '",
-               order[i]->key, "'");
+    Q3VL_CHECK(order[i - 1]->key != order[i]->key, "safetensors: writing ", path, ": duplicate tensor '", order[i]->key,
+               "'");
 
   std::string header = "{";
   if (!metadata.empty()) header += "\"__metadata__\":" + json(metadata).dump() + ",";
@@ -485,8 +511,8 @@ void write_safetensors_file(const std::string& path, const std::vector<StWriteEn
     const DType out = stored_dtype(e->tensor, dtype);
     const uint64_t n = static_cast<uint64_t>(e->tensor.numel()) * dtype_size(out);
     header += json(e->key).dump() + ":{\"dtype\":\"" + std::string(st_dtype_name(to_st_dtype(out))) +
-              "\",\"shape\":" + json(shape_vector(e->tensor)).dump() + ",\"data_offsets\":[" +
-              std::to_string(offset) + "," + std::to_string(offset + n) + "]},";
+              "\",\"shape\":" + json(shape_vector(e->tensor)).dump() + ",\"data_offsets\":[" + std::to_string(offset) +
+              "," + std::to_string(offset + n) + "]},";
     offset += n;
   }
   if (header.back() == ',') header.pop_back();

@@ -124,9 +124,9 @@ void write_safetensors_file(const std::string& path, const std::vector<StWriteEn
 
 // The file names write_safetensors_dir produced.
 struct StDirLayout {
-  std::vector<std::string> files;              // relative to the directory
+  std::vector<std::string> files;                 // relative to the directory
   std::map<std::string, std::string> weight_map;  // key -> file; empty for a single file
-  uint64_t total_size = 0;                     // tensor bytes over all files
+  uint64_t total_size = 0;                        // tensor bytes over all files
 };
 
 // Writes `entries` into `dir` the way transformers' save_pretrained does: in entry order, a new shard starts

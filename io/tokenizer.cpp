@@ -280,9 +280,10 @@ class SplitRegex {
     pcre2_jit_compile(code_.get(), PCRE2_JIT_COMPLETE);
   }
 
-  // Appends the pieces of `text` (valid UTF-8) to `out`. Empty matches split nothing (the package drops
-  // empty pieces) and the search moves on by one character, as find_iter does.
-  void split(std::string_view text, pcre2_match_data* data, std::vector<std::string_view>& out) const {
+  // Calls piece(std::string_view) for each piece of `text` (valid UTF-8) in order. Empty matches split nothing
+  // (the package drops empty pieces) and the search moves on by one character, as find_iter does.
+  template <class PieceFn>
+  void split(std::string_view text, pcre2_match_data* data, PieceFn&& piece) const {
     const auto* subject = reinterpret_cast<PCRE2_SPTR>(text.data());
     size_t search = 0, piece_start = 0;
     while (search < text.size()) {
@@ -299,11 +300,11 @@ class SplitRegex {
         search = next;
         continue;
       }
-      if (begin > piece_start) out.push_back(text.substr(piece_start, begin - piece_start));
-      out.push_back(text.substr(begin, end - begin));
+      if (begin > piece_start) piece(text.substr(piece_start, begin - piece_start));
+      piece(text.substr(begin, end - begin));
       piece_start = search = end;
     }
-    if (piece_start < text.size()) out.push_back(text.substr(piece_start));
+    if (piece_start < text.size()) piece(text.substr(piece_start));
   }
 
  private:
@@ -747,23 +748,20 @@ struct TokenizerModel {
     }
   }
 
-  void encode_text(std::string_view text, std::vector<int32_t>& out, pcre2_match_data* data,
-                   std::vector<std::string_view>& pieces, std::vector<std::string_view>& next_pieces) const {
-    pieces.assign(1, text);
-    for (const SplitRegex& stage : split_stages) {
-      next_pieces.clear();
-      for (const std::string_view piece : pieces) stage.split(piece, data, next_pieces);
-      pieces.swap(next_pieces);
+  // Splits `text` by the pre-tokenizer stages from `stage` on and encodes the resulting words, streaming (a
+  // long document never holds its list of words).
+  void encode_text(std::string_view text, size_t stage, pcre2_match_data* data, std::vector<int32_t>& out) const {
+    if (stage == split_stages.size()) {
+      if (!text.empty()) encode_word(text, out);
+      return;
     }
-    for (const std::string_view word : pieces)
-      if (!word.empty()) encode_word(word, out);
+    split_stages[stage].split(text, data, [&](std::string_view piece) { encode_text(piece, stage + 1, data, out); });
   }
 
   void encode(std::string_view text, std::vector<int32_t>& out) const {
     check_utf8(text);
     const MatchData data(pcre2_match_data_create(1, nullptr));
     Q3VL_CHECK(data, "tokenizer: out of memory for PCRE2 match data");
-    std::vector<std::string_view> pieces, next_pieces;
     std::vector<Segment> raw_segments, normalized_segments;
     std::string normalized;
     raw_matcher.split(text, raw_segments);
@@ -786,7 +784,7 @@ struct TokenizerModel {
         Q3VL_CHECK(U_SUCCESS(status), "tokenizer: NFC normalisation failed: ", u_errorName(status));
       }
       if (normalized_matcher.empty()) {
-        encode_text(piece, out, data.get(), pieces, next_pieces);
+        encode_text(piece, 0, data.get(), out);
         continue;
       }
       normalized_segments.clear();
@@ -795,7 +793,7 @@ struct TokenizerModel {
         if (segment.id >= 0)
           out.push_back(segment.id);
         else
-          encode_text(piece.substr(segment.begin, segment.end - segment.begin), out, data.get(), pieces, next_pieces);
+          encode_text(piece.substr(segment.begin, segment.end - segment.begin), 0, data.get(), out);
       }
     }
   }

@@ -1,7 +1,6 @@
 // HF checkpoint save/load on the tiny flavors: byte-identical save -> load -> save in every storage dtype and
 // shard layout, and an error naming key and file for each kind of bad checkpoint.
 #include <gtest/gtest.h>
-
 #include <unistd.h>
 
 #include <cmath>
@@ -18,6 +17,7 @@
 #include "io/checkpoint.h"
 #include "io/float16.h"
 #include "io/hf_config.h"
+#include "tests/support/gradcheck.h"
 
 namespace q3vl::io {
 namespace {
@@ -50,16 +50,8 @@ std::string read_all(const std::string& path) {
 }
 
 void write_all(const std::string& path, const std::string& bytes) {
-  std::ofstream(path, std::ios::binary | std::ios::trunc).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
+  std::ofstream(path, std::ios::binary | std::ios::trunc)
+      .write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
 }
 
 // f32 storage for every parameter of a config, filled from a Philox stream per tensor.
@@ -123,7 +115,8 @@ void check_round_trip(const std::string& dir, const ModelConfig& config, DType d
   for (const auto& [key, values] : original.data) {
     const auto& got = loaded.data.at(key);
     for (size_t i = 0; i < values.size(); ++i)
-      ASSERT_LE(std::abs(got[i] - values[i]), std::max(std::abs(values[i]) * rel, abs_floor)) << dir << " " << key << "[" << i << "]";
+      ASSERT_LE(std::abs(got[i] - values[i]), std::max(std::abs(values[i]) * rel, abs_floor))
+          << dir << " " << key << "[" << i << "]";
   }
   const ModelConfig reread = read_hf_config(dir + "_a/config.json");
   EXPECT_EQ(reread.tie_word_embeddings, config.tie_word_embeddings);
@@ -176,7 +169,8 @@ TEST(Checkpoint, ExpertsInTheTransformersFiveLayoutAreTransposedOnLoad) {
     auto& t = transposed.emplace_back(src.size());
     for (int64_t x = 0; x < e; ++x)
       for (int64_t i = 0; i < a; ++i)
-        for (int64_t j = 0; j < b; ++j) t[static_cast<size_t>((x * b + j) * a + i)] = src[static_cast<size_t>((x * a + i) * b + j)];
+        for (int64_t j = 0; j < b; ++j)
+          t[static_cast<size_t>((x * b + j) * a + i)] = src[static_cast<size_t>((x * a + i) * b + j)];
     entries.push_back({s.hf_key, Tensor(t.data(), DType::f32, {e, b, a})});
   }
   fs::create_directories(tmp / "v5");
@@ -225,7 +219,8 @@ TEST(Checkpoint, BadCheckpointsAreErrorsNamingKeyAndFile) {
   static std::vector<float> spare(4096, 0.5f);
   static std::vector<int32_t> ints(64, 1);
   const std::vector<BadCase> cases{
-      {"missing", [&](const std::string& d, const ModelConfig&, Weights& w) { rewrite(d, w, q_proj, {}); },
+      {"missing",
+       [&](const std::string& d, const ModelConfig&, Weights& w) { rewrite(d, w, q_proj, {}); },
        {"1 missing tensor(s): '" + q_proj + "'"}},
       {"extra",
        [&](const std::string& d, const ModelConfig&, Weights& w) {
@@ -279,8 +274,9 @@ TEST(Checkpoint, BadCheckpointsAreErrorsNamingKeyAndFile) {
     save_hf_checkpoint(dir, config, w.lookup(), DType::bf16, 0);
     c.damage(dir, config, w);
     Weights dst(config, 0);
-    const std::string msg = error_of([&] { load_hf_weights(dir, config, dst.lookup()); });
-    for (const std::string& part : c.message) EXPECT_NE(msg.find(part), std::string::npos) << c.name << ": " << msg;
+    SCOPED_TRACE(c.name);
+    for (const std::string& part : c.message)
+      test::expect_error([&] { load_hf_weights(dir, config, dst.lookup()); }, part);
   }
 }
 
@@ -304,9 +300,8 @@ TEST(Checkpoint, TiedModelsAcceptOnlyAnIdenticalStoredHead) {
   entries.back().tensor = Tensor(other.data(), DType::f32, w.shapes.at(embed));
   fs::create_directories(tmp / "differs");
   write_safetensors_file(tmp / "differs/model.safetensors", entries, DType::bf16);
-  EXPECT_NE(error_of([&] { load_hf_weights(tmp / "differs", config, dst.lookup()); })
-                .find("tensor 'lm_head.weight' differs from '" + embed + "' but the config ties them"),
-            std::string::npos);
+  test::expect_error([&] { load_hf_weights(tmp / "differs", config, dst.lookup()); },
+                     "tensor 'lm_head.weight' differs from '" + embed + "' but the config ties them");
 }
 
 TEST(Checkpoint, DestinationsAreChecked) {
@@ -323,14 +318,11 @@ TEST(Checkpoint, DestinationsAreChecked) {
   const WeightLookup bad_dtype = [&](const std::string& key) {
     return key == norm ? Tensor(f64.data(), DType::f64, {64}) : w.tensor(key);
   };
-  EXPECT_NE(error_of([&] { load_hf_weights(tmp / "a", config, bad_shape); })
-                .find("the weight tensor for '" + norm + "' has shape [65], expected [64]"),
-            std::string::npos);
-  EXPECT_NE(error_of([&] { save_hf_checkpoint(tmp / "b", config, bad_dtype, DType::bf16, 0); })
-                .find("the weight tensor for '" + norm + "' is f64[64], expected contiguous host f32"),
-            std::string::npos);
-  EXPECT_NE(error_of([&] { load_hf_weights(tmp / "nowhere", config, w.lookup()); }).find("has neither"),
-            std::string::npos);
+  test::expect_error([&] { load_hf_weights(tmp / "a", config, bad_shape); },
+                     "the weight tensor for '" + norm + "' has shape [65], expected [64]");
+  test::expect_error([&] { save_hf_checkpoint(tmp / "b", config, bad_dtype, DType::bf16, 0); },
+                     "the weight tensor for '" + norm + "' is f64[64], expected contiguous host f32");
+  test::expect_error([&] { load_hf_weights(tmp / "nowhere", config, w.lookup()); }, "has neither");
 }
 
 }  // namespace

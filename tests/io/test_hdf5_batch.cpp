@@ -1,7 +1,6 @@
 // HDF5 batch files: round trip of the input schema, an error naming file and dataset for every schema
 // violation, and the output writer (arrays, scalars, groups, atomic close).
 #include <gtest/gtest.h>
-
 #include <unistd.h>
 
 #include <filesystem>
@@ -11,6 +10,7 @@
 
 #include "core/check.h"
 #include "io/hdf5_batch.h"
+#include "tests/support/gradcheck.h"
 
 namespace q3vl::io {
 namespace {
@@ -33,15 +33,6 @@ class TempDir {
   fs::path path_;
 };
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
-
 constexpr int64_t kF = 1536;
 constexpr int64_t kImage = 151655, kVideo = 151656;
 
@@ -51,11 +42,11 @@ HostBatch sample_batch() {
   HostBatch b;
   b.batch = 2;
   b.seq_len = 12;
-  b.input_ids = {1, 2, kImage, kImage, kImage, kImage, 3, 4, 5, 6, 7, 8,
-                 9, kVideo, kVideo, 10, 11, 12, 13, 0, 0, 0, 0, 0};
+  b.input_ids = {1, 2,      kImage, kImage, kImage, kImage, 3,  4, 5, 6, 7, 8,
+                 9, kVideo, kVideo, 10,     11,     12,     13, 0, 0, 0, 0, 0};
   b.attention_mask = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0};
-  b.labels = {-100, -100, -100, -100, -100, -100, 3, 4, 5, 6, 7, 8,
-              -100, -100, -100, 10, 11, 12, 13, -100, -100, -100, -100, -100};
+  b.labels = {-100, -100, -100, -100, -100, -100, 3,  4,    5,    6,    7,    8,
+              -100, -100, -100, 10,   11,   12,   13, -100, -100, -100, -100, -100};
   b.patch_features = kF;
   b.image_grid_thw = {1, 4, 4};
   b.video_grid_thw = {2, 2, 2};
@@ -115,8 +106,8 @@ struct BadCase {
 };
 
 // Writes the sample batch's datasets except those `skip` names, then `extra`.
-std::function<void(Hdf5Writer&, const HostBatch&)> sample_except(std::vector<std::string> skip,
-                                                                 std::function<void(Hdf5Writer&, const HostBatch&)> extra) {
+std::function<void(Hdf5Writer&, const HostBatch&)> sample_except(
+    std::vector<std::string> skip, std::function<void(Hdf5Writer&, const HostBatch&)> extra) {
   return [skip, extra](Hdf5Writer& w, const HostBatch& b) {
     auto keep = [&](const char* n) { return std::find(skip.begin(), skip.end(), n) == skip.end(); };
     const std::vector<int64_t> bs{b.batch, b.seq_len};
@@ -152,10 +143,16 @@ TEST(Hdf5Batch, SchemaViolationsAreErrorsNamingFileAndDataset) {
       {"unknown", sample_except({}, [](Hdf5Writer& w, const HostBatch&) { w.write_scalar("pixel_value", 1.0); }),
        "unknown dataset 'pixel_value'"},
       {"ids_int32",
-       sample_except({"input_ids"}, [&](Hdf5Writer& w, const HostBatch&) { w.write("input_ids", ids32.data(), {2, 12}); }),
+       sample_except({"input_ids"},
+                     [&](Hdf5Writer& w, const HostBatch&) {
+                       w.write("input_ids", ids32.data(), {2, 12});
+                     }),
        "dataset 'input_ids' has integer32 elements, expected int64"},
       {"pixels_f64",
-       sample_except({"pixel_values"}, [&](Hdf5Writer& w, const HostBatch&) { w.write("pixel_values", pix64.data(), {16, kF}); }),
+       sample_except({"pixel_values"},
+                     [&](Hdf5Writer& w, const HostBatch&) {
+                       w.write("pixel_values", pix64.data(), {16, kF});
+                     }),
        "dataset 'pixel_values' has float64 elements, expected float32"},
       {"ids_rank1", sample_except({"input_ids"}, with("input_ids", &b.input_ids, {24})),
        "dataset 'input_ids' has rank 1, expected 2"},
@@ -184,7 +181,9 @@ TEST(Hdf5Batch, SchemaViolationsAreErrorsNamingFileAndDataset) {
        "dataset 'pixel_values' has 16 rows but 'image_grid_thw' sums to 24 patches"},
       {"features",
        sample_except({"pixel_values"},
-                     [&](Hdf5Writer& w, const HostBatch& s) { w.write("pixel_values", s.pixel_values.data(), {24, 1024}); }),
+                     [&](Hdf5Writer& w, const HostBatch& s) {
+                       w.write("pixel_values", s.pixel_values.data(), {24, 1024});
+                     }),
        "dataset 'pixel_values' has shape [24,1024], expected [N,1536]"},
   };
   for (const BadCase& c : cases) {
@@ -192,9 +191,9 @@ TEST(Hdf5Batch, SchemaViolationsAreErrorsNamingFileAndDataset) {
     Hdf5Writer w(path);
     c.write(w, b);
     w.close();
-    const std::string msg = error_of([&] { read_hdf5_batch(path, qwen_limits()); });
-    EXPECT_NE(msg.find("hdf5 " + path + ": "), std::string::npos) << c.name << ": " << msg;
-    EXPECT_NE(msg.find(c.message), std::string::npos) << c.name << ": " << msg;
+    SCOPED_TRACE(c.name);
+    test::expect_error([&] { read_hdf5_batch(path, qwen_limits()); }, "hdf5 " + path + ": ");
+    test::expect_error([&] { read_hdf5_batch(path, qwen_limits()); }, c.message);
   }
 }
 
@@ -203,23 +202,21 @@ TEST(Hdf5Batch, VisualTokenCountsMustMatchTheGrids) {
   HostBatch b = sample_batch();
   b.input_ids[2] = 42;  // one image token fewer than the 1x4x4 grid needs
   write_hdf5_batch(tmp / "in.h5", b);
-  EXPECT_NE(error_of([&] { read_hdf5_batch(tmp / "in.h5", qwen_limits()); })
-                .find("input_ids holds 3 tokens 151655 but 'image_grid_thw' needs 4 (patches / 4)"),
-            std::string::npos);
+  test::expect_error([&] { read_hdf5_batch(tmp / "in.h5", qwen_limits()); },
+                     "input_ids holds 3 tokens 151655 but 'image_grid_thw' needs 4 (patches / 4)");
   read_hdf5_batch(tmp / "in.h5");  // without token ids in the limits the counts are not checked
 }
 
 TEST(Hdf5Batch, UnreadableFilesAreErrors) {
   TempDir tmp;
-  EXPECT_NE(error_of([&] { read_hdf5_batch(tmp / "none.h5"); }).find("none.h5 does not exist"), std::string::npos);
+  test::expect_error([&] { read_hdf5_batch(tmp / "none.h5"); }, "none.h5 does not exist");
   std::ofstream(tmp / "text.h5") << "not hdf5";
-  EXPECT_NE(error_of([&] { read_hdf5_batch(tmp / "text.h5"); }).find("text.h5 is not an HDF5 file"), std::string::npos);
+  test::expect_error([&] { read_hdf5_batch(tmp / "text.h5"); }, "text.h5 is not an HDF5 file");
   write_hdf5_batch(tmp / "full.h5", sample_batch());
   std::ifstream in(tmp / "full.h5", std::ios::binary);
   const std::string bytes{std::istreambuf_iterator<char>(in), {}};
   std::ofstream(tmp / "cut.h5", std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size() / 2));
-  const std::string msg = error_of([&] { read_hdf5_batch(tmp / "cut.h5"); });
-  EXPECT_NE(msg.find(tmp / "cut.h5"), std::string::npos) << msg;
+  test::expect_error([&] { read_hdf5_batch(tmp / "cut.h5"); }, tmp / "cut.h5");
 }
 
 TEST(Hdf5Writer, WritesArraysScalarsAndGroups) {
@@ -234,8 +231,7 @@ TEST(Hdf5Writer, WritesArraysScalarsAndGroups) {
     w.write_scalar("loss", 1.2345678901234);
     w.write_scalar("tokens", int64_t{17});
     EXPECT_FALSE(fs::exists(tmp / "out.h5"));  // only the temporary exists until close()
-    EXPECT_NE(error_of([&] { w.write("logits", logits.data(), {30}); }).find("cannot create dataset 'logits'"),
-              std::string::npos);
+    test::expect_error([&] { w.write("logits", logits.data(), {30}); }, "cannot create dataset 'logits'");
     w.close();
   }
   EXPECT_FALSE(fs::exists(tmp / "out.h5.tmp"));
@@ -246,12 +242,9 @@ TEST(Hdf5Writer, WritesArraysScalarsAndGroups) {
   EXPECT_EQ(g.data, (std::vector<float>{static_cast<float>(1.0 / 3.0), -2.5f}));
   EXPECT_EQ(read_hdf5_scalar(tmp / "out.h5", "loss"), 1.2345678901234);
   EXPECT_EQ(read_hdf5_scalar(tmp / "out.h5", "tokens"), 17.0);
-  EXPECT_NE(error_of([&] { read_hdf5_f32(tmp / "out.h5", "tokens"); }).find("dataset 'tokens' has integer64 elements"),
-            std::string::npos);
-  EXPECT_NE(error_of([&] { read_hdf5_scalar(tmp / "out.h5", "logits"); }).find("dataset 'logits' is not a scalar"),
-            std::string::npos);
-  EXPECT_NE(error_of([&] { read_hdf5_f32(tmp / "out.h5", "nope"); }).find("cannot open dataset 'nope'"),
-            std::string::npos);
+  test::expect_error([&] { read_hdf5_f32(tmp / "out.h5", "tokens"); }, "dataset 'tokens' has integer64 elements");
+  test::expect_error([&] { read_hdf5_scalar(tmp / "out.h5", "logits"); }, "dataset 'logits' is not a scalar");
+  test::expect_error([&] { read_hdf5_f32(tmp / "out.h5", "nope"); }, "cannot open dataset 'nope'");
 }
 
 TEST(Hdf5Writer, AnUnclosedWriterLeavesNoFile) {

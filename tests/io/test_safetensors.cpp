@@ -1,7 +1,6 @@
 // safetensors reader/writer: half-float conversions, the crate's exact byte layout, round trips of single files
 // and sharded directories, and an error naming the file and tensor for each kind of damaged file.
 #include <gtest/gtest.h>
-
 #include <unistd.h>
 
 #include <bit>
@@ -49,7 +48,8 @@ std::string read_all(const std::string& path) {
 }
 
 void write_all(const std::string& path, const std::string& bytes) {
-  std::ofstream(path, std::ios::binary | std::ios::trunc).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  std::ofstream(path, std::ios::binary | std::ios::trunc)
+      .write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
 }
 
 // A file with the given header text (not padded) followed by `data_bytes` zero bytes.
@@ -57,15 +57,6 @@ std::string raw_file(const std::string& header, size_t data_bytes) {
   std::string out(8, '\0');
   for (int i = 0; i < 8; ++i) out[static_cast<size_t>(i)] = static_cast<char>((header.size() >> (8 * i)) & 0xff);
   return out + header + std::string(data_bytes, '\0');
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
 }
 
 std::string bytes_of(std::span<const std::byte> s) { return {reinterpret_cast<const char*>(s.data()), s.size()}; }
@@ -146,8 +137,8 @@ TEST(Safetensors, WriterMatchesTheCratesBytes) {
   // The safetensors crate's own serialization test: "attn.0" F32 [1,2,3] = 0..5, no metadata.
   TempDir tmp;
   std::vector<float> values{0, 1, 2, 3, 4, 5};
-  write_safetensors_file(tmp / "a.safetensors", {{"attn.0", Tensor(values.data(), DType::f32, {1, 2, 3})}},
-                         DType::f32, {});
+  write_safetensors_file(tmp / "a.safetensors", {{"attn.0", Tensor(values.data(), DType::f32, {1, 2, 3})}}, DType::f32,
+                         {});
   const std::string header = R"({"attn.0":{"dtype":"F32","shape":[1,2,3],"data_offsets":[0,24]}})";
   std::string expected(8, '\0');
   expected[0] = 64;
@@ -210,21 +201,21 @@ TEST(Safetensors, ReadChecksShapeAndDtypeOfTheDestination) {
   const SafetensorsFile f(tmp / "w.safetensors");
   std::vector<float> buf(6);
   std::vector<int64_t> ibuf(6);
-  EXPECT_NE(error_of([&] { f.read("w", Tensor(buf.data(), DType::f32, {3, 2})); })
-                .find("w.safetensors: tensor 'w' has shape [2,3], expected [3,2]"),
-            std::string::npos);
-  EXPECT_NE(error_of([&] { f.read("w", Tensor(ibuf.data(), DType::i64, {2, 3})); }).find("cannot convert BF16 to i64"),
-            std::string::npos);
-  EXPECT_NE(error_of([&] { f.read("nope", Tensor(buf.data(), DType::f32, {2, 3})); }).find("has no tensor 'nope'"),
-            std::string::npos);
+  test::expect_error(
+      [&] {
+        f.read("w", Tensor(buf.data(), DType::f32, {3, 2}));
+      },
+      "w.safetensors: tensor 'w' has shape [2,3], expected [3,2]");
+  test::expect_error([&] { f.read("w", Tensor(ibuf.data(), DType::i64, {2, 3})); }, "cannot convert BF16 to i64");
+  test::expect_error([&] { f.read("nope", Tensor(buf.data(), DType::f32, {2, 3})); }, "has no tensor 'nope'");
 }
 
 TEST(Safetensors, ScalarsAndEmptyTensorsRoundTrip) {
   TempDir tmp;
   float scalar = 2.5f;
-  write_safetensors_file(tmp / "s.safetensors",
-                         {{"scalar", Tensor(&scalar, DType::f32, Shape{})}, {"empty", Tensor(nullptr, DType::f32, {0, 4})}},
-                         DType::f32);
+  write_safetensors_file(
+      tmp / "s.safetensors",
+      {{"scalar", Tensor(&scalar, DType::f32, Shape{})}, {"empty", Tensor(nullptr, DType::f32, {0, 4})}}, DType::f32);
   const SafetensorsFile f(tmp / "s.safetensors");
   EXPECT_TRUE(f.info("scalar").shape.empty());
   EXPECT_EQ(f.info("empty").shape, (std::vector<int64_t>{0, 4}));
@@ -298,7 +289,8 @@ TEST(Safetensors, ShardedDirectoryWithIndexRoundTrips) {
   // Entry order decides the sharding, so write back in the original order.
   std::sort(back.begin(), back.end(), [](const StWriteEntry& x, const StWriteEntry& y) { return x.key < y.key; });
   write_safetensors_dir(tmp / "ck2", back, DType::bf16, 100);
-  for (const std::string& name : layout.files) EXPECT_EQ(read_all(tmp / ("ck/" + name)), read_all(tmp / ("ck2/" + name)));
+  for (const std::string& name : layout.files)
+    EXPECT_EQ(read_all(tmp / ("ck/" + name)), read_all(tmp / ("ck2/" + name)));
   EXPECT_EQ(read_all(tmp / "ck/model.safetensors.index.json"), read_all(tmp / "ck2/model.safetensors.index.json"));
 
   // Saving unsharded into the same directory leaves only model.safetensors.
@@ -359,17 +351,18 @@ TEST(Safetensors, DamagedFilesAreErrorsNamingFileAndTensor) {
        "tensor 'a': data_offsets must be two non-negative integers"},
       {"extra_field", raw_file(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":1}})", 8),
        "tensor 'a': unknown field 'x'"},
-      {"bad_metadata", raw_file(R"({"__metadata__":{"format":1}})", 0), "__metadata__ value of 'format' is not a string"},
+      {"bad_metadata", raw_file(R"({"__metadata__":{"format":1}})", 0),
+       "__metadata__ value of 'format' is not a string"},
       {"huge_header", std::string("\xff\xff\xff\xff\x00\x00\x00\x00", 8) + "{}", "exceeds the limit"},
   };
   for (const BadFileCase& c : cases) {
     const std::string path = tmp / (std::string(c.name) + ".safetensors");
     write_all(path, c.bytes);
-    const std::string msg = error_of([&] { SafetensorsFile f(path); });
-    EXPECT_NE(msg.find(path), std::string::npos) << c.name << ": " << msg;
-    EXPECT_NE(msg.find(c.message), std::string::npos) << c.name << ": " << msg;
+    SCOPED_TRACE(c.name);
+    test::expect_error([&] { SafetensorsFile f(path); }, path);
+    test::expect_error([&] { SafetensorsFile f(path); }, c.message);
   }
-  EXPECT_NE(error_of([&] { SafetensorsFile f(tmp / "missing.safetensors"); }).find("cannot open"), std::string::npos);
+  test::expect_error([&] { SafetensorsFile f(tmp / "missing.safetensors"); }, "cannot open");
 }
 
 TEST(Safetensors, IndexAndShardsMustAgree) {
@@ -378,34 +371,33 @@ TEST(Safetensors, IndexAndShardsMustAgree) {
   write_safetensors_dir(tmp / "ck", {{"a", a}, {"b", b}, {"c", c}}, DType::f32, 40);
   const std::string index_path = tmp / "ck/model.safetensors.index.json";
   const std::string index = read_all(index_path);
-  auto with_index = [&](const std::string& text) {
+  auto expect_index_error = [&](const std::string& text, const std::string& needle) {
     write_all(index_path, text);
-    return error_of([&] { SafetensorsDir d(tmp / "ck"); });
+    test::expect_error([&] { SafetensorsDir d(tmp / "ck"); }, needle);
   };
   auto index_json = nlohmann::json::parse(index);
 
   auto extra = index_json;
   extra["weight_map"]["d"] = "model-00001-of-00002.safetensors";
-  EXPECT_NE(with_index(extra.dump()).find("maps 'd' to " + tmp / "ck/model-00001-of-00002.safetensors" +
-                                          ", which has no such tensor"),
-            std::string::npos);
+  expect_index_error(extra.dump(),
+                     "maps 'd' to " + tmp / "ck/model-00001-of-00002.safetensors" + ", which has no such tensor");
 
   auto missing = index_json;
   missing["weight_map"].erase("b");
-  EXPECT_NE(with_index(missing.dump()).find("model-00001-of-00002.safetensors holds tensor 'b', which"),
-            std::string::npos);
+  expect_index_error(missing.dump(), "model-00001-of-00002.safetensors holds tensor 'b', which");
 
   auto no_file = index_json;
   no_file["weight_map"]["b"] = "model-00009-of-00009.safetensors";
-  EXPECT_NE(with_index(no_file.dump()).find("lists shard model-00009-of-00009.safetensors (for 'b'), which does not exist"),
-            std::string::npos);
+  EXPECT_NE(
+      with_index(no_file.dump()).find("lists shard model-00009-of-00009.safetensors (for 'b'), which does not exist"),
+      std::string::npos);
 
-  EXPECT_NE(with_index("{\"weight_map\": [").find("model.safetensors.index.json: bad JSON"), std::string::npos);
+  expect_index_error("{\"weight_map\": [", "model.safetensors.index.json: bad JSON");
 
   write_all(index_path, index);
   write_safetensors_file(tmp / "ck/model.safetensors", {{"a", a}}, DType::f32);
-  EXPECT_NE(error_of([&] { SafetensorsDir d(tmp / "ck"); }).find("ambiguous"), std::string::npos);
-  EXPECT_NE(error_of([&] { SafetensorsDir d(tmp / "nowhere"); }).find("has neither"), std::string::npos);
+  test::expect_error([&] { SafetensorsDir d(tmp / "ck"); }, "ambiguous");
+  test::expect_error([&] { SafetensorsDir d(tmp / "nowhere"); }, "has neither");
 }
 
 }  // namespace
