@@ -7,14 +7,13 @@
 #include <string>
 #include <vector>
 
+#include "app/cli_args.h"
 #include "core/check.h"
 #include "io/tokenizer.h"
 
 namespace q3vl::app {
 
 namespace {
-
-constexpr const char* kUsage = "usage: q3vl tokenize --tokenizer FILE [--decode]  (text or a JSON id array on stdin)";
 
 std::string read_stdin() {
   std::ostringstream text;
@@ -67,26 +66,9 @@ std::vector<int32_t> parse_id_array(const std::string& text) {
 }  // namespace
 
 int run_tokenize(const std::vector<std::string>& args) {
-  std::string tokenizer_path;
-  bool decode = false;
-  for (size_t i = 0; i < args.size(); ++i) {
-    if (args[i] == "--tokenizer" && i + 1 < args.size()) {
-      tokenizer_path = args[++i];
-    } else if (args[i] == "--decode") {
-      decode = true;
-    } else if (args[i] == "--help" || args[i] == "-h") {
-      std::cout << kUsage << "\n";
-      return 0;
-    } else {
-      std::cerr << "tokenize: unexpected argument '" << args[i] << "'\n" << kUsage << "\n";
-      return 2;
-    }
-  }
-  if (tokenizer_path.empty()) {
-    std::cerr << "tokenize: --tokenizer FILE is required\n" << kUsage << "\n";
-    return 2;
-  }
-  const io::Tokenizer tokenizer = io::Tokenizer::load(tokenizer_path);
+  const CliArgs cli(args, "tokenize", {"--tokenizer"}, {"--decode"});
+  const io::Tokenizer tokenizer = io::Tokenizer::load(cli.required("--tokenizer"));
+  const bool decode = cli.has("--decode");
   const std::string input = read_stdin();
   if (decode) {
     const std::string text = tokenizer.decode(parse_id_array(input));

@@ -16,9 +16,10 @@
 #include <fstream>
 #include <mutex>
 #include <nlohmann/json.hpp>
-#include <shared_mutex>
+#include <span>
 #include <sstream>
 #include <unordered_map>
+#include <utility>
 
 #include "core/check.h"
 
@@ -458,6 +459,94 @@ struct StringHash {
 template <class V>
 using StringMap = std::unordered_map<std::string, V, StringHash, std::equal_to<>>;
 
+// Merged words by their bytes, shared by all threads. 64 shards picked by hash, each behind its own mutex so
+// concurrent encoders rarely meet. Short words (the bulk of text) live inline in 32-byte open-addressing slots,
+// so a hit costs one lock and about one cache line; longer ones, up to the package's 256-byte cut-off, in a
+// hash map. Past a shard's capacity new words are not cached.
+class WordCache {
+ public:
+  static constexpr size_t kMaxWordBytes = 256;
+
+  // Appends the ids of `word` if cached.
+  bool find(std::string_view word, std::vector<int32_t>& out) const {
+    const uint64_t hash = hash_of(word);
+    const Shard& shard = shards_[hash % kShards];
+    std::lock_guard lock(shard.mutex);
+    if (const Slot* slot = shard.find_slot(word, hash); slot && slot->word_size != 0) {
+      out.insert(out.end(), slot->ids, slot->ids + slot->id_count);
+      return true;
+    }
+    if (word.size() > kInlineWordBytes) {
+      const auto it = shard.long_words.find(word);
+      if (it != shard.long_words.end()) {
+        out.insert(out.end(), it->second.begin(), it->second.end());
+        return true;
+      }
+    }
+    return false;
+  }
+
+  void insert(std::string_view word, std::span<const int32_t> ids) {
+    const uint64_t hash = hash_of(word);
+    Shard& shard = shards_[hash % kShards];
+    std::lock_guard lock(shard.mutex);
+    if (word.size() <= kInlineWordBytes && ids.size() <= kInlineIds) {
+      if (shard.slots.empty()) shard.slots.assign(kSlotsPerShard, Slot{});
+      Slot* slot = shard.find_slot(word, hash);
+      if (!slot || slot->word_size != 0 || shard.used_slots >= kSlotsPerShard * 3 / 4) return;
+      slot->tag = static_cast<uint32_t>(hash >> 32);
+      slot->word_size = static_cast<uint8_t>(word.size());
+      slot->id_count = static_cast<uint8_t>(ids.size());
+      std::copy(word.begin(), word.end(), slot->word);
+      std::copy(ids.begin(), ids.end(), slot->ids);
+      ++shard.used_slots;
+    } else if (shard.long_words.size() < kLongWordsPerShard) {
+      shard.long_words.try_emplace(std::string(word), ids.begin(), ids.end());
+    }
+  }
+
+ private:
+  static constexpr size_t kShards = 64, kSlotsPerShard = 4096, kLongWordsPerShard = 1024;
+  static constexpr size_t kInlineWordBytes = 14, kInlineIds = 3;
+
+  struct Slot {
+    uint32_t tag = 0;  // high half of the word's hash
+    uint8_t word_size = 0;  // 0: empty (words are never empty)
+    uint8_t id_count = 0;
+    char word[kInlineWordBytes] = {};
+    int32_t ids[kInlineIds] = {};
+  };
+  static_assert(sizeof(Slot) == 32);
+
+  struct Shard {
+    mutable std::mutex mutex;
+    std::vector<Slot> slots;  // allocated on the first insert
+    size_t used_slots = 0;
+    StringMap<std::vector<int32_t>> long_words;
+
+    // The slot holding `word`, or the empty slot where it would go; null when it cannot be inline or the shard
+    // has no slots yet. The probe starts at the hash's low bits above the shard index.
+    const Slot* find_slot(std::string_view word, uint64_t hash) const {
+      if (word.size() > kInlineWordBytes || slots.empty()) return nullptr;
+      const auto tag = static_cast<uint32_t>(hash >> 32);
+      for (size_t i = (hash / kShards) % kSlotsPerShard;; i = (i + 1) % kSlotsPerShard) {
+        const Slot& slot = slots[i];
+        if (slot.word_size == 0) return &slot;
+        if (slot.tag == tag && slot.word_size == word.size() && std::equal(word.begin(), word.end(), slot.word))
+          return &slot;
+      }
+    }
+    Slot* find_slot(std::string_view word, uint64_t hash) {
+      return const_cast<Slot*>(std::as_const(*this).find_slot(word, hash));
+    }
+  };
+
+  static uint64_t hash_of(std::string_view word) { return std::hash<std::string_view>{}(word); }
+
+  std::array<Shard, kShards> shards_;
+};
+
+
 // ---- reading tokenizer.json -----------------------------------------------------------------------------
 
 // model.vocab and model.merges as read, before validation.
@@ -636,11 +725,6 @@ bool empty_or_null_string(const Json& object, const char* key) {
 
 // Everything a loaded tokenizer holds (Tokenizer::Impl is this; the loaders below fill it in).
 struct TokenizerModel {
-  // Words longer than this are merged every time (the package's cache has the same cut-off).
-  static constexpr size_t kMaxCachedWordBytes = 256;
-  // Past this many cached words new ones are not cached (bounds memory on endless novel text).
-  static constexpr size_t kCacheCapacity = size_t{1} << 18;
-
   enum class Kind : uint8_t { none, model, added, special };
 
   std::string source;
@@ -660,8 +744,7 @@ struct TokenizerModel {
   std::vector<std::string> spelling;  // by id, as in tokenizer.json
   std::vector<std::string> bytes;     // by id, through the ByteLevel decoder
 
-  mutable std::shared_mutex cache_mutex;
-  mutable StringMap<std::vector<int32_t>> cache;
+  mutable WordCache cache;
 
   void check_id(int32_t id) const {
     Q3VL_CHECK(id >= 0 && static_cast<size_t>(id) < kinds.size() && kinds[id] != Kind::none, source,
@@ -731,21 +814,11 @@ struct TokenizerModel {
         return;
       }
     }
-    const bool cacheable = word.size() < kMaxCachedWordBytes;
-    if (cacheable) {
-      std::shared_lock lock(cache_mutex);
-      const auto it = cache.find(word);
-      if (it != cache.end()) {
-        out.insert(out.end(), it->second.begin(), it->second.end());
-        return;
-      }
-    }
+    const bool cacheable = word.size() <= WordCache::kMaxWordBytes;
+    if (cacheable && cache.find(word, out)) return;
     const size_t first = out.size();
     merge_word(word, out);
-    if (cacheable) {
-      std::unique_lock lock(cache_mutex);
-      if (cache.size() < kCacheCapacity) cache.try_emplace(std::string(word), out.begin() + first, out.end());
-    }
+    if (cacheable) cache.insert(word, std::span<const int32_t>(out).subspan(first));
   }
 
   // Splits `text` by the pre-tokenizer stages from `stage` on and encodes the resulting words, streaming (a
@@ -772,6 +845,8 @@ struct TokenizerModel {
       }
       std::string_view piece = text.substr(raw.begin, raw.end - raw.begin);
       if (nfc) {
+        Q3VL_CHECK(piece.size() <= INT32_MAX, "tokenizer: a ", piece.size(),
+                   "-byte text piece is over ICU's 2 GiB limit");
         UErrorCode status = U_ZERO_ERROR;
         const icu::StringPiece input(piece.data(), static_cast<int32_t>(piece.size()));
         if (!nfc->isNormalizedUTF8(input, status)) {
@@ -888,7 +963,8 @@ void load_model(const Json& root, const StreamedModel& streamed, TokenizerModel&
   const auto dropout = model.find("dropout");
   Q3VL_CHECK(dropout == model.end() || dropout->is_null() || dropout->get<double>() == 0.0, t.source,
              ": BPE dropout is not supported");
-  Q3VL_CHECK(empty_or_null_string(model, "continuing_subword_prefix") && empty_or_null_string(model, "end_of_word_suffix"),
+  Q3VL_CHECK(empty_or_null_string(model, "continuing_subword_prefix") &&
+                 empty_or_null_string(model, "end_of_word_suffix"),
              t.source, ": BPE continuing_subword_prefix/end_of_word_suffix are not supported");
   t.ignore_merges = flag(model, "ignore_merges", false);
 

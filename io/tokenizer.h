@@ -8,6 +8,9 @@
 // each word's UTF-8 bytes are merged by BPE rank. encode() never adds BOS/EOS or other template tokens
 // (the post-processor is not applied: it is what `add_special_tokens=False` gives).
 //
+// Unicode data follows the package's, not this machine's: the pre-tokenizer regexes see letters and numbers
+// as of Unicode 16.0 (the package's Oniguruma), NFC uses Unicode 9.0 data (its normalisation crate).
+//
 // Supported files: model BPE over the 256 byte-level symbols (all present in the vocabulary), normalizer
 // none or NFC, pre-tokenizer ByteLevel(add_prefix_space=false) alone or after Split(Regex, Isolated)
 // stages, decoder ByteLevel. Anything else is refused at load with a message naming the file.

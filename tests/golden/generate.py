@@ -37,7 +37,10 @@ from transformers import (
     Qwen3VLMoeForConditionalGeneration,
 )
 
-TORCH_THREADS = 2
+# One thread while generating: the models are tiny, and verify.py re-runs them expecting bit-identical results,
+# which holds only for the same thread count. The timing uses two threads, as the C++ benchmarks do.
+TORCH_THREADS = 1
+TIMING_THREADS = 2
 FIXTURE_BUDGET_BYTES = 20 * 1024 * 1024
 # Smallest allowed gap between the k-th and (k+1)-th router logit of any token. Below it a fp32 rounding difference
 # in the C++ port (router logits are O(5), their fp32 error after a few layers about 1e-5) could flip the expert
@@ -86,6 +89,7 @@ MODELS = {
             num_position_embeddings=64, deepstack_visual_indexes=[0, 1],
         ),
         "tie": False,
+        "aux_coef": 0.001,
         "cases": ["image_single", "images_multi", "video_timestamps", "image_video", "text_only", "padded_batch2",
                   "multiturn_masked"],
     },
@@ -96,7 +100,8 @@ MODELS = {
         "description": "qwen3_vl_moe, 6 layers with decoder_sparse_step 2 and mlp_only_layers [3] -> MoE at layers "
         "1 and 5, dense SwiGLU at 0, 2, 3, 4; 6 experts top-3, moe_intermediate 12 (non-square experts); "
         "GQA 4q/1kv with head_dim 16 (q_proj 32 -> 64), mrope [4,2,2]; vision 4x4 position table, "
-        "deepstack [1,2]; untied lm_head.",
+        "deepstack [1,2]; untied lm_head; router_aux_loss_coef 0.05 (not 0.001) so that the aux-loss "
+        "gradient is about 1% of the router gradient instead of 0.02%.",
         "text": dict(
             hidden_size=32, intermediate_size=40, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=1,
             head_dim=16, moe_intermediate_size=12, num_experts=6, num_experts_per_tok=3, decoder_sparse_step=2,
@@ -107,6 +112,7 @@ MODELS = {
             num_position_embeddings=16, deepstack_visual_indexes=[1, 2],
         ),
         "tie": False,
+        "aux_coef": 0.05,
         "cases": ["images_multi", "image_video", "padded_batch2", "multiturn_masked"],
     },
     "dense": {
@@ -135,7 +141,7 @@ def build_config(spec):
         bos_token_id=PAD, eos_token_id=IM_END,
     )
     if spec["cls"] is Qwen3VLMoeForConditionalGeneration:
-        text["router_aux_loss_coef"] = 0.001
+        text["router_aux_loss_coef"] = spec["aux_coef"]
     if spec["tie"]:
         text["tie_word_embeddings"] = True
     vision = dict(
@@ -568,7 +574,8 @@ def param_counts():
 # ---------------------------------------------------------------------------------------------- main
 
 
-def time_fwd_bwd(model, batch, repeats=5):
+def time_fwd_bwd(model, batch, threads, repeats=10):
+    torch.set_num_threads(threads)
     inputs = hf_inputs(batch, is_moe(model))
     times = []
     for i in range(repeats + 1):
@@ -577,11 +584,68 @@ def time_fwd_bwd(model, batch, repeats=5):
         model(**inputs).loss.backward()
         if i:  # the first run warms up allocators and caches
             times.append(time.perf_counter() - start)
-    return times
+    torch.set_num_threads(TORCH_THREADS)
+    return {"torch_threads": threads, "repeats": repeats, "seconds_median": statistics.median(times),
+            "seconds_min": min(times)}
 
 
 def dir_size(path):
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def draw_model(name, spec, config, batches):
+    """Random weights from the model's seed, redrawn (seed + 1000) while some token's routing is a near tie."""
+    seed = spec["seed"]
+    while True:
+        model = instantiate(spec, config)
+        randomize(model, seed)
+        if not is_moe(model):
+            return model, seed, None
+        margin = min(router_margin(model, batches[case]) for case in spec["cases"])
+        if margin >= MIN_ROUTER_LOGIT_GAP:
+            return model, seed, margin
+        print(f"{name}: weight seed {seed} has router logit gap {margin:.2e}; redrawing", file=sys.stderr)
+        seed += 1000
+
+
+def write_model(name, spec, batches, model_dir):
+    """Writes one model's checkpoint and its cases; returns the model and its manifest entry."""
+    config = build_config(spec)
+    model, seed, margin = draw_model(name, spec, config, batches)
+    model_dir.mkdir()
+    keys = save_model(model, model_dir)
+    results = {}
+    for case_name in spec["cases"]:
+        batch = batches[case_name]
+        case_dir = model_dir / case_name
+        case_dir.mkdir()
+        expected = run_case(model, batch)
+        write_h5(case_dir / "batch.h5", batch, {"case": case_name})
+        write_h5(case_dir / "expected.h5", expected, {"case": case_name, "model": name})
+        save_grads(model, keys, batch, case_dir / "grads.safetensors")
+        results[case_name] = {"loss": float(expected["loss"]), "aux_loss": float(expected["aux_loss"]),
+                              "total_loss": float(expected["total_loss"])}
+        print(f"{name}/{case_name}: loss {expected['loss']:.6f} aux {expected['aux_loss']:.6f}")
+        if case_name == RELOAD_CASE:
+            check_reload(spec, model, model_dir, batch, expected["logits"])
+    entry = {
+        "architecture": type(model).__name__, "model_type": config.model_type, "description": spec["description"],
+        "weight_seed": seed, "num_parameters": model.num_parameters(), "tie_word_embeddings": spec["tie"],
+        "moe_layers": moe_layers(model) if is_moe(model) else [],
+        "router_aux_loss_coef": spec.get("aux_coef", 0.0), "min_router_logit_gap": margin,
+        "checkpoint_keys": len(keys), "expert_keys": sum(map(is_expert, keys)), "cases": spec["cases"],
+        "results": results,
+    }
+    return model, entry
+
+
+def describe_cases(batches):
+    return {name: {"covers": case["covers"], "batch_size": int(batches[name]["input_ids"].shape[0]),
+                   "seq_len": int(batches[name]["input_ids"].shape[1]),
+                   "image_grid_thw": batches[name].get("image_grid_thw", np.zeros((0, 3))).tolist(),
+                   "video_grid_thw": batches[name].get("video_grid_thw", np.zeros((0, 3))).tolist(),
+                   "trained_tokens": int((batches[name]["labels"][:, 1:] != -100).sum())}
+            for name, case in CASES.items()}
 
 
 def main():
@@ -598,14 +662,14 @@ def main():
         shutil.rmtree(fixtures)
     fixtures.mkdir(parents=True)
 
+    versions = {
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__, "h5py": h5py.__version__, "numpy": np.__version__,
+    }
     batches = {name: build_batch(case) for name, case in CASES.items()}
     manifest = {
         "generator": "tests/golden/generate.py",
-        "versions": {
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "safetensors": safetensors.__version__,
-            "h5py": h5py.__version__, "numpy": np.__version__,
-        },
+        "versions": versions,
         "settings": {
             "dtype": "float32", "attn_implementation": "eager", "experts_implementation": "eager (MoE models)",
             "expert_layout": "model.safetensors and grads.safetensors hold the experts as the published checkpoints "
@@ -618,74 +682,30 @@ def main():
                        "timestamp": {"open": TS_OPEN, "digit0": TS_DIGIT0, "dot": TS_DOT, "close": TS_CLOSE},
                        "text_range": list(TEXT_TOKENS)},
         },
-        "cases": {name: {"covers": case["covers"], "batch_size": int(batches[name]["input_ids"].shape[0]),
-                         "seq_len": int(batches[name]["input_ids"].shape[1]),
-                         "image_grid_thw": batches[name].get("image_grid_thw", np.zeros((0, 3))).tolist(),
-                         "video_grid_thw": batches[name].get("video_grid_thw", np.zeros((0, 3))).tolist(),
-                         "trained_tokens": int((batches[name]["labels"][:, 1:] != -100).sum())}
-                  for name, case in CASES.items()},
+        "cases": describe_cases(batches),
         "models": {},
     }
 
     largest = None
-    for model_name, spec in MODELS.items():
-        config = build_config(spec)
-        seed = spec["seed"]
-        while True:
-            model = instantiate(spec, config)
-            randomize(model, seed)
-            if not is_moe(model):
-                margin = None
-                break
-            margin = min(router_margin(model, batches[name]) for name in spec["cases"])
-            if margin >= MIN_ROUTER_LOGIT_GAP:
-                break
-            print(f"{model_name}: weight seed {seed} has router logit gap {margin:.2e}; redrawing", file=sys.stderr)
-            seed += 1000
+    for name, spec in MODELS.items():
+        model, manifest["models"][name] = write_model(name, spec, batches, fixtures / name)
+        if largest is None or model.num_parameters() > largest[1].num_parameters():
+            largest = (name, model)
+    (fixtures / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
-        model_dir = fixtures / model_name
-        model_dir.mkdir()
-        keys = save_model(model, model_dir)
-        results = {}
-        for case_name in spec["cases"]:
-            batch = batches[case_name]
-            case_dir = model_dir / case_name
-            case_dir.mkdir()
-            expected = run_case(model, batch)
-            write_h5(case_dir / "batch.h5", batch, {"case": case_name})
-            write_h5(case_dir / "expected.h5", expected, {"case": case_name, "model": model_name})
-            save_grads(model, keys, batch, case_dir / "grads.safetensors")
-            results[case_name] = {"loss": float(expected["loss"]), "aux_loss": float(expected["aux_loss"]),
-                                  "total_loss": float(expected["total_loss"])}
-            print(f"{model_name}/{case_name}: loss {expected['loss']:.6f} aux {expected['aux_loss']:.6f}")
-            if case_name == RELOAD_CASE:
-                check_reload(spec, model, model_dir, batch, expected["logits"])
-
-        manifest["models"][model_name] = {
-            "architecture": type(model).__name__, "model_type": config.model_type,
-            "description": spec["description"], "weight_seed": seed, "num_parameters": model.num_parameters(),
-            "tie_word_embeddings": spec["tie"], "moe_layers": moe_layers(model) if is_moe(model) else [],
-            "min_router_logit_gap": margin, "cases": spec["cases"],
-            "checkpoint_keys": len(keys), "expert_keys": sum(map(is_expert, keys)),
-            "results": results,
-        }
-        tokens = {name: int(batches[name]["attention_mask"].sum()) for name in spec["cases"]}
-        biggest_case = max(tokens, key=tokens.get)
-        if largest is None or model.num_parameters() > largest[0].num_parameters():
-            largest = (model, model_name, biggest_case)
-
-    model, model_name, case_name = largest
-    times = time_fwd_bwd(model, batches[case_name])
+    name, model = largest
+    tokens = {case: int(batches[case]["attention_mask"].sum()) for case in MODELS[name]["cases"]}
+    case = max(tokens, key=tokens.get)
+    batch = batches[case]
     timing = {
         "what": "HF transformers fp32 forward (with labels) + backward on the CPU, eager attention and experts",
-        "model": model_name, "case": case_name, "num_parameters": model.num_parameters(),
-        "tokens": int(batches[case_name]["attention_mask"].sum()),
-        "vision_patches": int(batches[case_name].get("pixel_values", np.zeros((0,))).shape[0]
-                              + batches[case_name].get("pixel_values_videos", np.zeros((0,))).shape[0]),
-        "torch_threads": torch.get_num_threads(), "repeats": len(times),
-        "seconds_median": statistics.median(times), "seconds_min": min(times),
+        "model": name, "case": case, "num_parameters": model.num_parameters(), "tokens": tokens[case],
+        "vision_patches": sum(int(batch[k].shape[0]) for k in ("pixel_values", "pixel_values_videos") if k in batch),
+        **time_fwd_bwd(model, batch, TIMING_THREADS),
+        "one_thread": time_fwd_bwd(model, batch, 1),
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-        "versions": manifest["versions"],
+        "load_average_1min": os.getloadavg()[0],  # other work on the machine inflates the times
+        "versions": versions,
     }
     (args.out / "hf_timing.json").write_text(json.dumps(timing, indent=2) + "\n")
 
@@ -693,7 +713,6 @@ def main():
         {"transformers": transformers.__version__, "counted_on": "meta device, PreTrainedModel.num_parameters()",
          "flavors": param_counts()}, indent=2) + "\n")
 
-    (fixtures / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     total = dir_size(fixtures)
     print(f"fixtures: {total / 1e6:.2f} MB in {fixtures}")
     assert total < FIXTURE_BUDGET_BYTES, f"fixtures are {total} bytes, over the {FIXTURE_BUDGET_BYTES} budget"

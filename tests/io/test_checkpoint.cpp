@@ -114,9 +114,11 @@ void check_round_trip(const std::string& dir, const ModelConfig& config, DType d
   const float abs_floor = dt == DType::f16 ? 0x1p-25f : 0.0f;
   for (const auto& [key, values] : original.data) {
     const auto& got = loaded.data.at(key);
-    for (size_t i = 0; i < values.size(); ++i)
-      ASSERT_LE(std::abs(got[i] - values[i]), std::max(std::abs(values[i]) * rel, abs_floor))
-          << dir << " " << key << "[" << i << "]";
+    size_t first_bad = values.size();
+    for (size_t i = 0; i < values.size() && first_bad == values.size(); ++i)
+      if (!(std::abs(got[i] - values[i]) <= std::max(std::abs(values[i]) * rel, abs_floor))) first_bad = i;
+    ASSERT_EQ(first_bad, values.size()) << dir << " " << key << ": stored " << values[first_bad] << ", loaded "
+                                        << got[first_bad];
   }
   const ModelConfig reread = read_hf_config(dir + "_a/config.json");
   EXPECT_EQ(reread.tie_word_embeddings, config.tie_word_embeddings);

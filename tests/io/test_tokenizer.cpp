@@ -4,8 +4,8 @@
 // concurrency; encode throughput.
 #include <gtest/gtest.h>
 
-#include <chrono>
 #include <cstdio>
+#include <ctime>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -185,6 +185,23 @@ TEST(Tokenizer, ErrorsNameTheProblem) {
   Json prefix_space = tiny;
   prefix_space["pre_tokenizer"]["add_prefix_space"] = true;
   expect_error([&] { load_variant(prefix_space); }, "add_prefix_space=true is not supported");
+  Json bad_id = tiny;
+  bad_id["model"]["vocab"]["\xC4\xA0"] = "x";
+  expect_error([&] { load_variant(bad_id); },
+               "variant.json: model.vocab[\"\xC4\xA0\"] has id \"x\", expected an integer");
+  Json big_id = tiny;
+  big_id["model"]["vocab"]["\xC4\xA0"] = int64_t{1} << 31;
+  expect_error([&] { load_variant(big_id); }, "has id 2147483648, expected an integer in [0, 2^31)");
+  Json triple = tiny;
+  triple["model"]["merges"][2] = {"a", "b", "c"};
+  expect_error([&] { load_variant(triple); }, "variant.json: model.merges[2] is not a pair of tokens");
+  Json object_merge = tiny;
+  object_merge["model"]["merges"][5] = {{"a", "b"}};
+  expect_error([&] { load_variant(object_merge); }, "model.merges[5] holds an object");
+  Json no_merges = tiny;
+  no_merges["model"].erase("merges");
+  expect_error([&] { load_variant(no_merges); }, "model.merges is missing or not an array");
+  expect_error([] { Tokenizer::from_json("[1, 2]", "array.json"); }, "array.json: the top level is not a JSON object");
   Json wordpiece = tiny;
   wordpiece["model"]["type"] = "WordPiece";
   expect_error([&] { load_variant(wordpiece); }, "model type \"WordPiece\"");
@@ -220,17 +237,17 @@ TEST(Tokenizer, EncodeThroughput) {
   std::string big, big_decoded;
   for (int r = 0; r < repeats; ++r) big += document, big_decoded += document_decoded;
 
-  using Clock = std::chrono::steady_clock;
-  const auto mb_per_s = [](size_t bytes, Clock::duration d) {
-    return static_cast<double>(bytes) / 1e6 / std::chrono::duration<double>(d).count();
+  // Process CPU time (encode is single-threaded): steadier than wall time on a shared machine.
+  const auto mb_per_s = [](size_t bytes, std::clock_t ticks) {
+    return static_cast<double>(bytes) / 1e6 / (static_cast<double>(ticks) / CLOCKS_PER_SEC);
   };
   size_t total_ids = 0;
-  const auto t0 = Clock::now();
+  const std::clock_t t0 = std::clock();
   for (int r = 0; r < repeats; ++r)
     for (const std::string& text : corpus()) total_ids += tok.encode(text).size();
-  const auto t1 = Clock::now();
+  const std::clock_t t1 = std::clock();
   const std::vector<int32_t> big_ids = tok.encode(big);
-  const auto t2 = Clock::now();
+  const std::clock_t t2 = std::clock();
   const double per_string = mb_per_s(corpus_bytes * repeats, t1 - t0), joined = mb_per_s(big.size(), t2 - t1);
   std::printf("[ throughput ] encode: %.1f MB/s per corpus string (%zu calls), %.1f MB/s on a %.2f MB document\n",
               per_string, corpus().size() * repeats, joined, big.size() / 1e6);

@@ -1,6 +1,7 @@
 """Writes the reference token ids the C++ tokenizer test compares against, using Hugging Face `tokenizers`.
 
-Inputs: corpus.json (a JSON array of test strings) and the Qwen3 tokenizer.json. Outputs in --out:
+Inputs: corpus.json (a JSON array of test strings, see make_corpus.py) and the Qwen3 tokenizer.json.
+Outputs in --out:
   tiny_nfc.json, tiny_plain.json: small byte-level BPE tokenizers trained on the corpus, with added tokens
     that use lstrip/rstrip/single_word/normalized, ignore_merges, the GPT-2 ByteLevel regex and the
     merges-as-strings format; one has an NFC normalizer, the other none. They cover what Qwen3's file does not.
