@@ -41,7 +41,7 @@ from transformers import (
 # which holds only for the same thread count. The timing uses two threads, as the C++ benchmarks do.
 TORCH_THREADS = 1
 TIMING_THREADS = 2
-FIXTURE_BUDGET_BYTES = 20 * 1024 * 1024
+FIXTURE_BUDGET_BYTES = 20_000_000
 # Smallest allowed gap between the k-th and (k+1)-th router logit of any token. Below it a fp32 rounding difference
 # in the C++ port (router logits are O(5), their fp32 error after a few layers about 1e-5) could flip the expert
 # choice and make the fixture useless, so such weights are redrawn.
@@ -197,11 +197,10 @@ def randomize(model, seed):
             normal(p, 0.5)
         elif name.endswith("mlp.gate.weight"):
             normal(p, 2.0 / p.shape[1] ** 0.5)  # decisive routing keeps top-k far from ties
-        elif name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+        elif is_expert(name):
             normal(p, 1.0 / p.shape[2] ** 0.5)  # in-memory [E, out, in]
-        else:
-            fan_in = p[0].numel() if p.dim() > 1 else p.numel()
-            normal(p, 1.0 / fan_in**0.5)
+        else:  # nn.Linear [out, in] and the Conv3d patch embedding [out, C, T, P, P]
+            normal(p, 1.0 / p[0].numel() ** 0.5)
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -384,21 +383,10 @@ def run_case(model, batch):
         "aux_loss": np.float32(aux.item()),
         "total_loss": np.float32(out.loss.item()),
         "router_aux_loss_coef": np.float32(coef),
-        "position_ids": model.model.compute_3d_position_ids(
-            input_ids=torch.from_numpy(batch["input_ids"]), inputs_embeds=None,
-            image_grid_thw=torch.from_numpy(batch["image_grid_thw"]) if "image_grid_thw" in batch else None,
-            video_grid_thw=torch.from_numpy(batch["video_grid_thw"]) if "video_grid_thw" in batch else None,
-            attention_mask=torch.from_numpy(batch["attention_mask"]),
-            mm_token_type_ids=torch.from_numpy(batch["mm_token_type_ids"]),
-        ),
+        "position_ids": hf_positions(model, batch),
         "layer_inputs": torch.stack(layer_inputs).numpy(),
         "final_hidden": final_hidden[0].numpy(),
     }
-    if expected["position_ids"] is None:  # text only: HF uses arange on every row
-        seq = batch["input_ids"].shape[1]
-        expected["position_ids"] = np.broadcast_to(np.arange(seq), (3, *batch["input_ids"].shape)).copy()
-    else:
-        expected["position_ids"] = expected["position_ids"].numpy()
     if moe:
         expected["router_logits"] = torch.stack([r.detach() for r in out.router_logits]).numpy()
         expected["moe_layers"] = np.array(moe_layers(model), np.int64)
@@ -408,6 +396,19 @@ def run_case(model, batch):
             expected[f"{kind}_deepstack"] = torch.stack(
                 [torch.cat(f) for f in outputs.deepstack_features]).detach().numpy()
     return expected
+
+
+def hf_positions(model, batch):
+    """The [3, B, S] mrope positions HF's forward uses, from the same helper it calls."""
+    grids = {k: torch.from_numpy(batch[k]) if k in batch else None for k in ("image_grid_thw", "video_grid_thw")}
+    positions = model.model.compute_3d_position_ids(
+        input_ids=torch.from_numpy(batch["input_ids"]), inputs_embeds=None, **grids,
+        attention_mask=torch.from_numpy(batch["attention_mask"]),
+        mm_token_type_ids=torch.from_numpy(batch["mm_token_type_ids"]),
+    )
+    if positions is None:  # no vision inputs: the text model falls back to arange on every row
+        return np.broadcast_to(np.arange(batch["input_ids"].shape[1]), (3, *batch["input_ids"].shape)).copy()
+    return positions.numpy()
 
 
 def moe_layers(model):
@@ -521,33 +522,37 @@ def check_reload(spec, model, model_dir, batch, logits_expected):
 # ---------------------------------------------------------------------------------------------- param counts
 
 
+def dense_text(hidden, layers, heads, kv_heads, ffn):
+    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                intermediate_size=ffn)
+
+
+def moe_text(hidden, layers, heads, kv_heads, ffn, expert_ffn):
+    return dict(dense_text(hidden, layers, heads, kv_heads, ffn), moe_intermediate_size=expert_ffn, num_experts=128,
+                num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[])
+
+
 def published_flavors():
-    """Key numbers of the published Qwen3-VL config.json files (Qwen/Qwen3-VL-*-Instruct)."""
+    """Key numbers of the published Qwen3-VL config.json files (Qwen/Qwen3-VL-*-Instruct):
+    name -> (dense or MoE, text config, vision config, tied embeddings)."""
     vision_small = dict(depth=24, hidden_size=1024, intermediate_size=4096, deepstack_visual_indexes=[5, 11, 17])
     vision_large = dict(depth=27, hidden_size=1152, intermediate_size=4304, deepstack_visual_indexes=[8, 16, 24])
-    dense = lambda h, layers, heads, kv, ffn: dict(  # noqa: E731
-        hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-        intermediate_size=ffn)
-    moe = lambda h, layers, heads, kv, ffn, expert_ffn: dict(  # noqa: E731
-        dense(h, layers, heads, kv, ffn), moe_intermediate_size=expert_ffn, num_experts=128, num_experts_per_tok=8,
-        decoder_sparse_step=1, mlp_only_layers=[])
     return {
-        "Qwen3-VL-2B": (Qwen3VLConfig, Qwen3VLForConditionalGeneration, dense(2048, 28, 16, 8, 6144), vision_small, True),
-        "Qwen3-VL-4B": (Qwen3VLConfig, Qwen3VLForConditionalGeneration, dense(2560, 36, 32, 8, 9728), vision_small, True),
-        "Qwen3-VL-8B": (Qwen3VLConfig, Qwen3VLForConditionalGeneration, dense(4096, 36, 32, 8, 12288), vision_large,
-                        False),
-        "Qwen3-VL-32B": (Qwen3VLConfig, Qwen3VLForConditionalGeneration, dense(5120, 64, 64, 8, 25600), vision_large,
-                         False),
-        "Qwen3-VL-30B-A3B": (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, moe(2048, 48, 32, 4, 6144, 768),
-                             vision_large, False),
-        "Qwen3-VL-235B-A22B": (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration,
-                               moe(4096, 94, 64, 4, 12288, 1536), vision_large, False),
+        "Qwen3-VL-2B": ("dense", dense_text(2048, 28, 16, 8, 6144), vision_small, True),
+        "Qwen3-VL-4B": ("dense", dense_text(2560, 36, 32, 8, 9728), vision_small, True),
+        "Qwen3-VL-8B": ("dense", dense_text(4096, 36, 32, 8, 12288), vision_large, False),
+        "Qwen3-VL-32B": ("dense", dense_text(5120, 64, 64, 8, 25600), vision_large, False),
+        "Qwen3-VL-30B-A3B": ("moe", moe_text(2048, 48, 32, 4, 6144, 768), vision_large, False),
+        "Qwen3-VL-235B-A22B": ("moe", moe_text(4096, 94, 64, 4, 12288, 1536), vision_large, False),
     }
 
 
 def param_counts():
     counts = {}
-    for name, (config_cls, model_cls, text, vision, tie) in published_flavors().items():
+    classes = {"dense": (Qwen3VLConfig, Qwen3VLForConditionalGeneration),
+               "moe": (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)}
+    for name, (kind, text, vision, tie) in published_flavors().items():
+        config_cls, model_cls = classes[kind]
         text = dict(text, vocab_size=151936, head_dim=128, hidden_act="silu", rms_norm_eps=1e-6,
                     max_position_embeddings=262144, rope_parameters=text_rope(5e6, [24, 20, 20]),
                     tie_word_embeddings=tie)
@@ -564,10 +569,9 @@ def param_counts():
             "text_parameters": model.model.language_model.num_parameters(),
             "lm_head_parameters": 0 if tie else model.lm_head.weight.numel(),
             "tie_word_embeddings": tie,
-            "text_config": {k: v for k, v in text.items() if k != "rope_parameters"},
+            "text_config": text,
             "vision_config": vision,
         }
-        del model
     return counts
 
 
