@@ -1,4 +1,4 @@
-// HDF5 shards of packed training sequences and the JSON manifest that lists them (docs/shard_format.md
+// HDF5 shards of packed training sequences and the JSON manifest that lists them (io/shard_format.md
 // describes every dataset). A shard holds packed sequences; a sequence holds whole documents (samples), each
 // with its tokens, labels and vision items; an item holds its grid and its RESIZED pixels as uint8 RGB
 // (normalisation and patchify happen when loading, so shards stay small).
