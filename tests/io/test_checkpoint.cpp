@@ -18,41 +18,22 @@
 #include "io/float16.h"
 #include "io/hf_config.h"
 #include "tests/support/gradcheck.h"
+#include "tests/support/test_files.h"
 
 namespace q3vl::io {
 namespace {
 
 namespace fs = std::filesystem;
+using test::TempDir;
+using test::read_all;
+using test::write_all;
 using json = nlohmann::json;
 
 // The flavors of this source tree, wherever the build directory is (an explicit Q3VL_FLAVORS_DIR wins).
 const bool kFlavorsFromSourceTree = ::setenv("Q3VL_FLAVORS_DIR", Q3VL_SOURCE_DIR "/jobs/flavors", 0) == 0;
 
-class TempDir {
- public:
-  TempDir() {
-    const auto* info = testing::UnitTest::GetInstance()->current_test_info();
-    path_ = fs::temp_directory_path() /
-            ("q3vl_ckpt_" + std::to_string(::getpid()) + "_" + info->test_suite_name() + "_" + info->name());
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~TempDir() { fs::remove_all(path_); }
-  std::string operator/(const std::string& name) const { return (path_ / name).string(); }
 
- private:
-  fs::path path_;
-};
 
-std::string read_all(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), {}};
-}
-
-void write_all(const std::string& path, const std::string& bytes) {
-  std::ofstream(path, std::ios::binary | std::ios::trunc)
-      .write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-}
 
 // f32 storage for every parameter of a config, filled from a Philox stream per tensor.
 struct Weights {

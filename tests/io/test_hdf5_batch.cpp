@@ -11,27 +11,14 @@
 #include "core/check.h"
 #include "io/hdf5_batch.h"
 #include "tests/support/gradcheck.h"
+#include "tests/support/test_files.h"
 
 namespace q3vl::io {
 namespace {
 
 namespace fs = std::filesystem;
+using test::TempDir;
 
-class TempDir {
- public:
-  TempDir() {
-    const auto* info = testing::UnitTest::GetInstance()->current_test_info();
-    path_ = fs::temp_directory_path() /
-            ("q3vl_h5_" + std::to_string(::getpid()) + "_" + info->test_suite_name() + "_" + info->name());
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~TempDir() { fs::remove_all(path_); }
-  std::string operator/(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  fs::path path_;
-};
 
 constexpr int64_t kF = 1536;
 constexpr int64_t kImage = 151655, kVideo = 151656;

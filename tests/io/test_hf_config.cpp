@@ -15,22 +15,18 @@
 #include "core/model/param_specs.h"
 #include "io/hf_config.h"
 #include "tests/support/gradcheck.h"
+#include "tests/support/test_files.h"
 
 namespace q3vl::io {
 namespace {
 
 namespace fs = std::filesystem;
+using test::read_all;
 using json = nlohmann::json;
 
 // The flavors of this source tree, wherever the build directory is (an explicit Q3VL_FLAVORS_DIR wins).
 const bool kFlavorsFromSourceTree = ::setenv("Q3VL_FLAVORS_DIR", Q3VL_SOURCE_DIR "/jobs/flavors", 0) == 0;
 
-std::string read_all(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 void expect_same_config(const ModelConfig& a, const ModelConfig& b, const std::string& what) {
   SCOPED_TRACE(what);

@@ -17,41 +17,21 @@
 #include "io/float16.h"
 #include "io/safetensors.h"
 #include "tests/support/gradcheck.h"
+#include "tests/support/test_files.h"
 
 namespace q3vl::io {
 namespace {
 
 namespace fs = std::filesystem;
+using test::TempDir;
+using test::read_all;
+using test::write_all;
 using test::random_tensor;
 using test::test_arena;
 
 // A fresh directory per test under the system temp dir, removed afterwards.
-class TempDir {
- public:
-  TempDir() {
-    const auto* info = testing::UnitTest::GetInstance()->current_test_info();
-    path_ = fs::temp_directory_path() /
-            ("q3vl_io_" + std::to_string(::getpid()) + "_" + info->test_suite_name() + "_" + info->name());
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~TempDir() { fs::remove_all(path_); }
-  std::string operator/(const std::string& name) const { return (path_ / name).string(); }
-  std::string str() const { return path_.string(); }
 
- private:
-  fs::path path_;
-};
 
-std::string read_all(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), {}};
-}
-
-void write_all(const std::string& path, const std::string& bytes) {
-  std::ofstream(path, std::ios::binary | std::ios::trunc)
-      .write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-}
 
 // A file with the given header text (not padded) followed by `data_bytes` zero bytes.
 std::string raw_file(const std::string& header, size_t data_bytes) {
