@@ -33,6 +33,19 @@ int64_t vision_token_count(const VisionGrid& grid) {
   return static_cast<int64_t>(grid.t) * grid.h * grid.w / 4;
 }
 
+void check_chat_roles(const std::vector<ChatMessage>& messages) {
+  bool has_assistant = false;
+  for (const ChatMessage& m : messages) {
+    if (m.role != "system" && m.role != "user" && m.role != "assistant")
+      throw SampleError(SkipReason::unknown_role, "unknown role '" + m.role + "'");
+    if (m.role == "assistant") {
+      if (m.content.empty()) throw SampleError(SkipReason::empty_assistant, "empty assistant turn");
+      has_assistant = true;
+    }
+  }
+  if (!has_assistant) throw SampleError(SkipReason::empty_assistant, "no assistant turn");
+}
+
 namespace {
 
 // Receives the template's output in order: text pieces (labelled or not) and special tokens.
@@ -101,16 +114,7 @@ void emit_content(const SpecialTokenIds& ids, std::string_view content, bool lab
 void emit_chat(const SpecialTokenIds& ids, const std::vector<ChatMessage>& messages,
                const std::vector<VisionGrid>& images, const std::vector<VisionGrid>& videos,
                const TemplateSink& sink) {
-  bool has_assistant = false;
-  for (const ChatMessage& m : messages) {
-    if (m.role != "system" && m.role != "user" && m.role != "assistant")
-      throw SampleError(SkipReason::unknown_role, "unknown role '" + m.role + "'");
-    if (m.role == "assistant") {
-      if (m.content.empty()) throw SampleError(SkipReason::empty_assistant, "empty assistant turn");
-      has_assistant = true;
-    }
-  }
-  if (!has_assistant) throw SampleError(SkipReason::empty_assistant, "no assistant turn");
+  check_chat_roles(messages);
   size_t next_image = 0, next_video = 0;
   for (const ChatMessage& m : messages) {
     const bool assistant = m.role == "assistant";

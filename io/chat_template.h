@@ -78,6 +78,10 @@ struct SpecialTokenIds {
   static SpecialTokenIds from(const Tokenizer& tokenizer);
 };
 
+// Throws SampleError for an unknown role (unknown_role), an empty assistant turn or no assistant turn at all
+// (empty_assistant). The template and the packer's early checks share it.
+void check_chat_roles(const std::vector<ChatMessage>& messages);
+
 class ChatTemplate {
  public:
   explicit ChatTemplate(const Tokenizer& tokenizer);

@@ -213,20 +213,13 @@ PreparedSample prepare(const RawSample& raw, const PackOptions& options, const C
       throw SampleError(SkipReason::bad_json, "a sample needs 'messages' (or 'caption' in caption mode)");
     }
     // Cheap checks first, so a bad sample never costs a media decode.
+    if (!messages.empty()) check_chat_roles(messages);
     int image_tags = 0, video_tags = 0;
-    bool has_assistant = false;
     for (const ChatMessage& m : messages) {
-      if (m.role != "system" && m.role != "user" && m.role != "assistant")
-        throw SampleError(SkipReason::unknown_role, "unknown role '" + m.role + "'");
-      if (m.role == "assistant") {
-        if (m.content.empty()) throw SampleError(SkipReason::empty_assistant, "empty assistant turn");
-        has_assistant = true;
-        caption = m.content;
-      }
+      if (m.role == "assistant") caption = m.content;
       image_tags += count_tag(m.content, "<image>");
       video_tags += count_tag(m.content, "<video>");
     }
-    if (!messages.empty() && !has_assistant) throw SampleError(SkipReason::empty_assistant, "no assistant turn");
     if (messages.empty() && !caption) throw SampleError(SkipReason::empty_assistant, "no messages");
     if (options.mode == PackMode::chat &&
         (image_tags != static_cast<int>(images.size()) || video_tags != static_cast<int>(videos.size())))
