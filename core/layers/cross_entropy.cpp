@@ -4,7 +4,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
+#include "core/kernels/cpu/vector_exp.h"
 #include "core/layer_checks.h"
 
 namespace q3vl {
@@ -34,6 +36,12 @@ CrossEntropySum cross_entropy_forward(const Tensor& logits, const Tensor& labels
     T* lsep = lse.data<T>();
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; ++i) {
+      // Ignored rows need no log-sum-exp (the backward writes zeros there): skipping them halves the work on
+      // typical multimodal batches, where prompts and vision tokens are ignored.
+      if (lab[i] == kIgnoreIndex) {
+        lsep[i] = T(0);
+        continue;
+      }
       const T* row = lp + i * vocab;
       double m = -std::numeric_limits<double>::infinity(), s = 0;
       for (int64_t c0 = 0; c0 < vocab; c0 += kVocabChunk) {
@@ -44,7 +52,11 @@ CrossEntropySum cross_entropy_forward(const Tensor& logits, const Tensor& labels
           s *= std::exp(m - cm);
           m = cm;
         }
-        for (int64_t j = c0; j < c1; ++j) s += std::exp(static_cast<double>(row[j]) - m);
+        if constexpr (std::is_same_v<T, float>) {
+          s += cpu::sum_exp_shifted(row + c0, c1 - c0, static_cast<float>(m));
+        } else {
+          for (int64_t j = c0; j < c1; ++j) s += std::exp(static_cast<double>(row[j]) - m);
+        }
       }
       const double l = m + std::log(s);
       lsep[i] = static_cast<T>(l);
@@ -84,7 +96,11 @@ void cross_entropy_backward(const Tensor& logits, const Tensor& labels, const Te
         continue;
       }
       const double l = lsep[i];
-      for (int64_t j = 0; j < vocab; ++j) drow[j] = static_cast<T>(scale * std::exp(static_cast<double>(row[j]) - l));
+      if constexpr (std::is_same_v<T, float>) {
+        cpu::exp_shifted_scaled(row, vocab, static_cast<float>(l), static_cast<float>(scale), drow);
+      } else {
+        for (int64_t j = 0; j < vocab; ++j) drow[j] = static_cast<T>(scale * std::exp(static_cast<double>(row[j]) - l));
+      }
       drow[lab[i]] -= static_cast<T>(scale);
     }
   });

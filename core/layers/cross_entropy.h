@@ -19,7 +19,8 @@ struct CrossEntropySum {
   double mean() const { return count > 0 ? sum / static_cast<double>(count) : 0.0; }
 };
 
-// logits [N, V], labels i64 [N] (kIgnoreIndex or in [0, V)), lse [N] written (saved for the backward).
+// logits [N, V], labels i64 [N] (kIgnoreIndex or in [0, V)), lse [N] written (saved for the backward; 0 on
+// ignored rows, which are skipped). f32 uses a vectorised expf (core/kernels/cpu/vector_exp.h), f64 libm exp.
 CrossEntropySum cross_entropy_forward(const Tensor& logits, const Tensor& labels, const Tensor& lse);
 
 // dlogits[i] = scale * (softmax(logits[i]) - onehot(labels[i])) for valid rows, 0 for ignored rows.

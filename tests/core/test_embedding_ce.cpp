@@ -2,6 +2,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <limits>
+#include <vector>
 
 #include "core/layers/cross_entropy.h"
 #include "core/layers/embedding.h"
@@ -100,6 +102,52 @@ TEST(CrossEntropy, RejectsBadLabel) {
   int64_t labv[] = {-5};
   Tensor labels(labv, DType::i64, {1});
   EXPECT_THROW(cross_entropy_forward(logits, labels, lse), Error);
+}
+
+TEST(CrossEntropy, Float32VectorisedExpMatchesDoubleReference) {
+  // The f32 path computes exp with the AVX2 polynomial (core/kernels/cpu/vector_exp.h); the f64 path with libm.
+  // Same logits (rounded to f32) through both: the polynomial is within 2 ulp and sums run in f64 per block,
+  // so the loss agrees to ~1e-7 relative (bound 1e-6) and the softmax gradient to ~1e-7 of its scale.
+  const int64_t n = 3, v = 2 * kVocabChunk + 1001;  // odd width: vector body plus scalar tail
+  const Tensor ref = random_tensor({n, v}, 5, 12.0);
+  std::vector<float> lf(n * v);
+  for (int64_t k = 0; k < n * v; ++k) {
+    lf[k] = static_cast<float>(ref.data<double>()[k]);
+    ref.data<double>()[k] = lf[k];
+  }
+  lf[7] = -200.0f;  // far below the row maximum: exp underflows to 0 in both paths
+  ref.data<double>()[7] = -200.0;
+  int64_t labv[] = {3, v - 2, kIgnoreIndex};
+  Tensor labels(labv, DType::i64, {n});
+  Tensor logits32(lf.data(), DType::f32, {n, v});
+  std::vector<float> lse32(n), d32(n * v);
+  Tensor lse_f(lse32.data(), DType::f32, {n}), dlog_f(d32.data(), DType::f32, {n, v});
+  const Tensor lse_d = zeros_tensor({n}), dlog_d = zeros_tensor({n, v});
+  const CrossEntropySum a = cross_entropy_forward(logits32, labels, lse_f);
+  const CrossEntropySum b = cross_entropy_forward(ref, labels, lse_d);
+  ASSERT_EQ(a.count, 2);
+  EXPECT_NEAR(a.sum, b.sum, 1e-6 * std::abs(b.sum));
+  cross_entropy_backward(logits32, labels, lse_f, 0.5, dlog_f);
+  cross_entropy_backward(ref, labels, lse_d, 0.5, dlog_d);
+  double worst = 0;
+  for (int64_t k = 0; k < n * v; ++k) worst = std::max(worst, std::abs(d32[k] - dlog_d.data<double>()[k]));
+  EXPECT_LT(worst, 0.5 * 1e-6);
+  EXPECT_EQ(d32[7], 0.0f);
+}
+
+TEST(CrossEntropy, NanLogitMakesTheLossNan) {
+  // A NaN anywhere in a counted row must reach the loss (the trainer stops on it), in both precisions.
+  const int64_t v = kVocabChunk + 9;
+  std::vector<float> lf(v, 0.5f);
+  lf[v - 1] = std::numeric_limits<float>::quiet_NaN();  // in the scalar tail of the last chunk
+  lf[100] = std::numeric_limits<float>::quiet_NaN();    // in a vector body
+  int64_t lab[] = {0};
+  Tensor labels(lab, DType::i64, {1});
+  float lse = 0;
+  Tensor logits(lf.data(), DType::f32, {1, v}), lse_t(&lse, DType::f32, {1});
+  EXPECT_TRUE(std::isnan(cross_entropy_forward(logits, labels, lse_t).sum));
+  lf[v - 1] = 0.5f;
+  EXPECT_TRUE(std::isnan(cross_entropy_forward(logits, labels, lse_t).sum));
 }
 
 }  // namespace
