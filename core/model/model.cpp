@@ -219,8 +219,11 @@ ForwardResult Model::forward(const Batch& batch, Workspace& ws, const ForwardOpt
         Q3VL_CHECK(lab[i] == kIgnoreIndex || (lab[i] >= 0 && lab[i] < c.text.vocab_size), kForward, ": labels[",
                    i / S, ", ", i % S, "] = ", lab[i], " is neither -100 nor inside the vocabulary");
       }
-      tg[i] = (lab != nullptr && i % S + 1 < S) ? lab[i + 1] : kIgnoreIndex;
+      tg[i] = (lab != nullptr && i + 1 < n) ? lab[i + 1] : kIgnoreIndex;
     }
+    // A position predicts the next label of its own document: the last token of a row or packed document
+    // has no target (its successor starts another sample).
+    for (int64_t d = 0; d < docs; ++d) tg[cu[d + 1] - 1] = kIgnoreIndex;
   }
   {
     const size_t mark = scratch.mark();
@@ -283,6 +286,7 @@ ForwardResult Model::forward(const Batch& batch, Workspace& ws, const ForwardOpt
   r.loss = r.ce_loss;
   ws.aux_dprob = Tensor{};
   if (!ws.moe_stats.empty()) {
+    if (options.expert_stats_reducer) options.expert_stats_reducer(ws.moe_stats);
     const bool train_aux = options.aux_loss;
     if (train_aux) ws.aux_dprob = Tensor::empty(acts, {c.text.num_experts}, dt);
     r.aux_loss = moe_aux_loss(c.text.num_experts, ws.moe_stats, c.text.router_aux_loss_coef, ws.aux_dprob);
@@ -336,7 +340,8 @@ void Model::backward(Workspace& ws, const BackwardOptions& options) {
     dispatch_float(L, dt, [&](auto tag) {
       using T = decltype(tag);
       T* p = aux_dprob.data<T>();
-      for (int64_t e = 0; e < c.text.num_experts; ++e) p[e] *= static_cast<T>(options.loss_scale);
+      const double scale = options.aux_scale >= 0 ? options.aux_scale : options.loss_scale;
+      for (int64_t e = 0; e < c.text.num_experts; ++e) p[e] *= static_cast<T>(scale);
     });
   }
   for (int l = c.text.num_hidden_layers - 1; l >= 0; --l) {

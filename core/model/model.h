@@ -18,7 +18,8 @@
 //   Batch::cu_seqlens); attention is causal inside a document. Padding (attention_mask 0, right padding)
 //   runs through every layer like in HF, attends to its document's real tokens, is excluded from the aux
 //   loss, and must carry label -100 (HF would otherwise count it in the loss).
-// - ce_loss: labels shifted inside each row (position i predicts labels[i + 1]), -100 ignored, mean over
+// - ce_loss: labels shifted inside each document (position i predicts labels[i + 1]; a row's or packed
+//   document's last position predicts nothing), -100 ignored, mean over
 //   the counted targets. aux_loss: HF load_balancing_loss_func over all MoE layers with the attention mask.
 //   loss = ce_loss + router_aux_loss_coef * aux_loss when ForwardOptions::aux_loss (HF's
 //   output_router_logits) and the model has MoE layers, else ce_loss.
@@ -26,6 +27,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "core/arena.h"
@@ -61,6 +63,10 @@ struct BatchShape {
 
 struct ForwardOptions {
   bool aux_loss = true;  // add router_aux_loss_coef * aux_loss to `loss` (MoE models)
+  // Data parallelism: called with every MoE layer's routing statistics (counts, prob_sum, valid_tokens) before
+  // the aux loss is computed, to sum them over ranks in place, so that the aux loss and its gradient are those
+  // of the global batch (HF's load_balancing_loss_func over the concatenated batch). Unset: this batch alone.
+  std::function<void(std::vector<MoeStats>&)> expert_stats_reducer;
 };
 
 struct ForwardResult {
@@ -74,6 +80,8 @@ struct ForwardResult {
 struct BackwardOptions {
   double loss_scale = 1.0;     // gradients of loss_scale * loss
   int64_t ce_normalizer = 0;   // divide the CE sum by this instead of ce_tokens (gradient accumulation)
+  double aux_scale = -1.0;     // multiplies the aux-loss term's gradient instead of loss_scale when >= 0
+                               // (gradient accumulation: 1 / micro-batches, the aux loss being a mean)
 };
 
 class Model;
@@ -90,6 +98,8 @@ class Workspace {
   const BatchShape& capacity() const { return capacity_; }
   Arena& activations() { return acts_; }
   Arena& scratch() { return scratch_; }
+  // Routing counts of the last forward, one entry per MoE layer in layer order (expert-load statistics).
+  const std::vector<MoeStats>& expert_load() const { return moe_stats; }
 
  private:
   friend class Model;
