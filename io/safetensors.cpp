@@ -484,30 +484,39 @@ void SafetensorsDir::read(std::string_view key, const Tensor& dst) const { file_
 // ---------------------------------------------------------------------------------------------------------
 // Writers
 
-void write_safetensors_file(const std::string& path, const std::vector<StWriteEntry>& entries, DType dtype,
-                            const std::map<std::string, std::string>& metadata) {
-  Q3VL_CHECK(is_float_storage(dtype), "safetensors: cannot write ", path, " in ", dtype_name(dtype),
-             " (expected f32, bf16 or f16)");
+namespace {
+
+// The header and tensor order of one file, planned (and checked) before any byte is written.
+struct StFilePlan {
+  std::string header;  // JSON padded to a multiple of 8 bytes
   std::vector<const StWriteEntry*> order;
+};
+
+StFilePlan plan_file(const std::string& what, const std::vector<StWriteEntry>& entries, DType dtype,
+                     const std::map<std::string, std::string>& metadata) {
+  Q3VL_CHECK(is_float_storage(dtype), "safetensors: cannot write ", what, " in ", dtype_name(dtype),
+             " (expected f32, bf16 or f16)");
+  StFilePlan plan;
   for (const StWriteEntry& e : entries) {
-    Q3VL_CHECK(e.tensor.device() == Device::cpu && e.tensor.is_contiguous(), "safetensors: writing ", path,
+    Q3VL_CHECK(e.tensor.device() == Device::cpu && e.tensor.is_contiguous(), "safetensors: writing ", what,
                ": tensor '", e.key, "' ", e.tensor.str(), " is not contiguous host memory");
-    Q3VL_CHECK(e.key != "__metadata__", "safetensors: writing ", path, ": '__metadata__' is not a tensor name");
-    order.push_back(&e);
+    Q3VL_CHECK(e.key != "__metadata__", "safetensors: writing ", what, ": '__metadata__' is not a tensor name");
+    plan.order.push_back(&e);
   }
-  std::sort(order.begin(), order.end(), [&](const StWriteEntry* a, const StWriteEntry* b) {
+  std::sort(plan.order.begin(), plan.order.end(), [&](const StWriteEntry* a, const StWriteEntry* b) {
     const StDType da = to_st_dtype(stored_dtype(a->tensor, dtype));
     const StDType db = to_st_dtype(stored_dtype(b->tensor, dtype));
     return da != db ? da > db : a->key < b->key;
   });
-  for (size_t i = 1; i < order.size(); ++i)
-    Q3VL_CHECK(order[i - 1]->key != order[i]->key, "safetensors: writing ", path, ": duplicate tensor '", order[i]->key,
-               "'");
+  for (size_t i = 1; i < plan.order.size(); ++i)
+    Q3VL_CHECK(plan.order[i - 1]->key != plan.order[i]->key, "safetensors: writing ", what, ": duplicate tensor '",
+               plan.order[i]->key, "'");
 
-  std::string header = "{";
+  std::string& header = plan.header;
+  header = "{";
   if (!metadata.empty()) header += "\"__metadata__\":" + json(metadata).dump() + ",";
   uint64_t offset = 0;
-  for (const StWriteEntry* e : order) {
+  for (const StWriteEntry* e : plan.order) {
     const DType out = stored_dtype(e->tensor, dtype);
     const uint64_t n = static_cast<uint64_t>(e->tensor.numel()) * dtype_size(out);
     header += json(e->key).dump() + ":{\"dtype\":\"" + std::string(st_dtype_name(to_st_dtype(out))) +
@@ -518,28 +527,46 @@ void write_safetensors_file(const std::string& path, const std::vector<StWriteEn
   if (header.back() == ',') header.pop_back();
   header += "}";
   header.append((8 - header.size() % 8) % 8, ' ');
+  return plan;
+}
 
-  write_atomically(path, [&](std::ofstream& out) {
-    std::array<char, 8> len{};
-    for (int i = 0; i < 8; ++i) len[static_cast<size_t>(i)] = static_cast<char>((header.size() >> (8 * i)) & 0xff);
-    out.write(len.data(), 8);
-    out.write(header.data(), static_cast<std::streamsize>(header.size()));
-    // Converted in bounded chunks so a large tensor never needs a second full-size buffer.
-    constexpr int64_t kChunkElems = 1 << 22;
-    std::vector<std::byte> buffer;
-    for (const StWriteEntry* e : order) {
-      const DType from = e->tensor.dtype();
-      const DType to = stored_dtype(e->tensor, dtype);
-      const int64_t count = e->tensor.numel();
-      const auto* src = static_cast<const std::byte*>(e->tensor.raw());
-      for (int64_t start = 0; start < count; start += kChunkElems) {
-        const int64_t len = std::min(kChunkElems, count - start);
-        buffer.resize(static_cast<size_t>(len) * dtype_size(to));
-        encode(src + start * static_cast<int64_t>(dtype_size(from)), from, len, to, buffer.data());
-        out.write(reinterpret_cast<const char*>(buffer.data()), static_cast<std::streamsize>(buffer.size()));
-      }
+void emit_file(const StFilePlan& plan, DType dtype, const StByteSink& sink) {
+  std::array<char, 8> len{};
+  for (int i = 0; i < 8; ++i) len[static_cast<size_t>(i)] = static_cast<char>((plan.header.size() >> (8 * i)) & 0xff);
+  sink(len.data(), len.size());
+  sink(plan.header.data(), plan.header.size());
+  // Converted in bounded chunks so a large tensor never needs a second full-size buffer.
+  constexpr int64_t kChunkElems = 1 << 22;
+  std::vector<std::byte> buffer;
+  for (const StWriteEntry* e : plan.order) {
+    const DType from = e->tensor.dtype();
+    const DType to = stored_dtype(e->tensor, dtype);
+    const int64_t count = e->tensor.numel();
+    const auto* src = static_cast<const std::byte*>(e->tensor.raw());
+    for (int64_t start = 0; start < count; start += kChunkElems) {
+      const int64_t len = std::min(kChunkElems, count - start);
+      buffer.resize(static_cast<size_t>(len) * dtype_size(to));
+      encode(src + start * static_cast<int64_t>(dtype_size(from)), from, len, to, buffer.data());
+      sink(buffer.data(), buffer.size());
     }
+  }
+}
+
+}  // namespace
+
+void write_safetensors_file(const std::string& path, const std::vector<StWriteEntry>& entries, DType dtype,
+                            const std::map<std::string, std::string>& metadata) {
+  const StFilePlan plan = plan_file(path, entries, dtype, metadata);
+  write_atomically(path, [&](std::ofstream& out) {
+    emit_file(plan, dtype, [&](const void* data, size_t size) {
+      out.write(static_cast<const char*>(data), static_cast<std::streamsize>(size));
+    });
   });
+}
+
+void write_safetensors(const StByteSink& sink, const std::string& what, const std::vector<StWriteEntry>& entries,
+                       DType dtype, const std::map<std::string, std::string>& metadata) {
+  emit_file(plan_file(what, entries, dtype, metadata), dtype, sink);
 }
 
 StDirLayout write_safetensors_dir(const std::string& dir, const std::vector<StWriteEntry>& entries, DType dtype,

@@ -1,6 +1,6 @@
 // safetensors: a validating reader over a read-only memory map, a sharded-directory reader
-// (model.safetensors.index.json or a single model.safetensors), and writers for single files and sharded
-// directories in f32, bf16 or f16.
+// (model.safetensors.index.json or a single model.safetensors), and writers for single files, byte sinks and
+// sharded directories in f32, bf16 or f16.
 //
 // File layout (the format of the `safetensors` crate): 8-byte little-endian header length N, N bytes of JSON
 // {"__metadata__": {str: str}, key: {"dtype", "shape", "data_offsets": [begin, end]}, ...}, then the data
@@ -16,6 +16,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -121,6 +122,13 @@ struct StWriteEntry {
 // Writes one .safetensors file. `dtype` is f32, bf16 or f16.
 void write_safetensors_file(const std::string& path, const std::vector<StWriteEntry>& entries, DType dtype,
                             const std::map<std::string, std::string>& metadata = {{"format", "pt"}});
+
+// The bytes write_safetensors_file would write, handed to `sink` in order (a few calls per tensor) instead of
+// going to a file: for writers that manage the file themselves (io/train_checkpoint.cpp: fsync, and a byte
+// budget for fault injection). Everything is checked before the first call; `what` names the output in errors.
+using StByteSink = std::function<void(const void* data, size_t size)>;
+void write_safetensors(const StByteSink& sink, const std::string& what, const std::vector<StWriteEntry>& entries,
+                       DType dtype, const std::map<std::string, std::string>& metadata = {{"format", "pt"}});
 
 // The file names write_safetensors_dir produced.
 struct StDirLayout {

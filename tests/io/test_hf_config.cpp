@@ -329,7 +329,8 @@ TEST(HfConfig, WrittenConfigReadsBackAndTransformersSeesTheSameKeys) {
 TEST(HfConfig, FlavorsMatchTheReferenceConfigsAndRewriteByteForByte) {
   const std::vector<std::string> names = flavor_names();
   EXPECT_EQ(names,
-            (std::vector<std::string>{"235B-A22B", "2B", "30B-A3B", "32B", "4B", "8B", "tiny-dense", "tiny-moe"}));
+            (std::vector<std::string>{"235B-A22B", "2B", "30B-A3B", "32B", "4B", "8B", "bench-moe", "tiny-dense",
+                                      "tiny-moe"}));
   const std::vector<std::pair<std::string, ModelConfig>> refs{{"30B-A3B", qwen3_vl_30b_a3b_config()},
                                                               {"235B-A22B", qwen3_vl_235b_a22b_config()},
                                                               {"2B", qwen3_vl_2b_config()},
