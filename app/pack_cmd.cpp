@@ -1,17 +1,25 @@
 // q3vl pack: messages-format JSON / JSON lines -> packed HDF5 shards + manifest.json (io/packer.h), with
 // progress and a summary (samples in, packed, skipped by reason with file:line, tokens, images, video
-// frames, padding ratio, throughput). Several processes can share the work: each runs with --rank R
-// --world W and writes its shards and part-R.json; then one `--merge --world W` writes the manifest.
+// frames, padding ratio, throughput). Several processes can share the work:
+// - under mpirun/srun with more than one rank, each rank packs its slice, rank 0 gathers the ranks' results
+//   and writes the manifest and prints the summary (other ranks print only errors; an error on any rank
+//   ends the whole job with its rank and reason);
+// - without MPI, each process runs with --rank R --world W and writes its shards and part-R.json; then one
+//   `--merge --world W` writes the manifest. MPI is never started for a process mpirun did not launch.
+#include <exception>
 #include <iostream>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "core/check.h"
-#include "io/image.h"
 #include "io/image_resize.h"
+#include "io/media_decoder.h"
 #include "io/packer.h"
 #include "io/shard_format.h"
 #include "io/tokenizer.h"
+#include "io/video.h"
+#include "parallel/mpi_comm.h"
 
 namespace q3vl::app {
 
@@ -21,7 +29,9 @@ constexpr const char* kUsage =
     "usage: q3vl pack --input FILE.json[l] [--input ...] --tokenizer tokenizer.json --out DIR\n"
     "                 [--mode chat|caption] [--max-len TOKENS (8192)] [--shard-mb MB (256)]\n"
     "                 [--min-pixels N (65536)] [--max-pixels N (16777216)] [--open-sequences N (64)]\n"
-    "                 [--rank R --world W] [--merge --world W] [--quiet]";
+    "                 [--fps F (2)] [--video-max-pixels N (25165824, over all frames of a video)]\n"
+    "                 [--rank R --world W] [--merge --world W] [--quiet]\n"
+    "       under mpirun/srun the ranks share the work and rank 0 writes the manifest (no --rank/--world/--merge)";
 
 int64_t parse_int(const std::string& flag, const std::string& value) {
   try {
@@ -34,13 +44,50 @@ int64_t parse_int(const std::string& flag, const std::string& value) {
   }
 }
 
+double parse_double(const std::string& flag, const std::string& value) {
+  try {
+    size_t used = 0;
+    const double v = std::stod(value, &used);
+    Q3VL_CHECK(used == value.size(), "pack: ", flag, " takes a number, got '", value, "'");
+    return v;
+  } catch (const std::logic_error&) {
+    Q3VL_FAIL("pack: ", flag, " takes a number, got '", value, "'");
+  }
+}
+
+// Packs this rank's slice, gathers the ranks' results on rank 0, which writes the manifest and prints the
+// summary. Any error ends every rank (abort_all): the others would otherwise wait forever in the gather.
+int pack_with_mpi(parallel::Comm& world, io::PackOptions options, const std::string& tokenizer_path,
+                  const io::MediaDecoder& media, bool quiet) {
+  try {
+    options.rank = world.rank();
+    options.world = world.size();
+    if (!quiet && world.rank() == 0) options.progress = &std::cerr;
+    const std::string tokenizer_hash = io::tokenizer_file_hash(tokenizer_path);
+    const io::Tokenizer tokenizer = io::Tokenizer::load(tokenizer_path);
+    const io::RankResult mine = io::pack_rank(options, tokenizer, tokenizer_hash, media);
+    // Ranks that finish early wait here without spinning, leaving the CPU to ranks still packing.
+    world.barrier();
+    const std::vector<std::string> texts = world.gather_strings(io::rank_result_to_json(mine), 0);
+    if (world.rank() == 0) {
+      std::vector<io::RankResult> results;
+      for (const std::string& text : texts) results.push_back(io::rank_result_from_json(text));
+      std::cout << io::write_pack_manifest(options, tokenizer_hash, results).report();
+    }
+  } catch (const std::exception& e) {
+    parallel::abort_all(std::string("q3vl pack: ") + e.what());
+  }
+  return 0;
+}
+
 }  // namespace
 
 int run_pack(const std::vector<std::string>& args) {
   io::PackOptions options;
   std::string tokenizer_path;
   io::ImageSizeOptions image_size;
-  bool merge = false, quiet = false;
+  io::VideoOptions video;
+  bool merge = false, quiet = false, manual_ranks = false;
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string& a = args[i];
     const auto value = [&]() -> const std::string& {
@@ -58,10 +105,13 @@ int run_pack(const std::vector<std::string>& args) {
     else if (a == "--shard-mb") options.shard_bytes = parse_int(a, value()) << 20;
     else if (a == "--min-pixels") image_size.min_pixels = parse_int(a, value());
     else if (a == "--max-pixels") image_size.max_pixels = parse_int(a, value());
+    else if (a == "--fps") video.fps = parse_double(a, value());
+    else if (a == "--video-max-pixels") video.max_pixels = parse_int(a, value());
     else if (a == "--open-sequences") options.open_sequences = static_cast<int>(parse_int(a, value()));
-    else if (a == "--rank") options.rank = static_cast<int>(parse_int(a, value()));
-    else if (a == "--world") options.world = static_cast<int>(parse_int(a, value()));
-    else if (a == "--merge") merge = true;
+    else if (a == "--rank" || a == "--world") {
+      (a == "--rank" ? options.rank : options.world) = static_cast<int>(parse_int(a, value()));
+      manual_ranks = true;
+    } else if (a == "--merge") merge = manual_ranks = true;
     else if (a == "--quiet") quiet = true;
     else if (a == "--help" || a == "-h") {
       std::cout << kUsage << "\n";
@@ -75,6 +125,15 @@ int run_pack(const std::vector<std::string>& args) {
     std::cerr << "pack: --input, --tokenizer and --out are required\n" << kUsage << "\n";
     return 2;
   }
+  Q3VL_CHECK(video.fps > 0, "pack: --fps must be positive, got ", video.fps);
+  const io::MediaDecoder media = io::default_media_decoder(image_size, video);
+  std::optional<parallel::MpiSession> mpi;
+  if (parallel::MpiSession::launched_by_mpirun()) mpi.emplace();
+  if (mpi && mpi->world().size() > 1) {
+    Q3VL_CHECK(!manual_ranks, "pack: --rank, --world and --merge are for runs without MPI; under mpirun the ",
+               mpi->world().size(), " ranks share the work and rank 0 writes the manifest");
+    return pack_with_mpi(mpi->world(), options, tokenizer_path, media, quiet);
+  }
   const std::string tokenizer_hash = io::tokenizer_file_hash(tokenizer_path);
   if (merge) {
     std::vector<io::RankResult> parts;
@@ -84,12 +143,6 @@ int run_pack(const std::vector<std::string>& args) {
   }
   if (!quiet) options.progress = &std::cerr;
   const io::Tokenizer tokenizer = io::Tokenizer::load(tokenizer_path);
-  io::MediaDecoder media;
-  media.image = [image_size](const std::string& path) {
-    const io::Image resized = io::resize_for_model(io::decode_image(path), image_size);
-    return io::DecodedMedia{1, static_cast<int32_t>(resized.height), static_cast<int32_t>(resized.width),
-                            resized.pixels, {}};
-  };
   if (options.world == 1) {
     std::cout << io::pack(options, tokenizer, tokenizer_hash, media).report();
     return 0;
