@@ -11,5 +11,7 @@ int run_forward(const std::vector<std::string>& args);
 int run_plan(const std::vector<std::string>& args);
 int run_pack(const std::vector<std::string>& args);
 int run_tokenize(const std::vector<std::string>& args);
+int run_train(const std::vector<std::string>& args);
+int run_convert(const std::vector<std::string>& args);
 
 }  // namespace q3vl::app

@@ -12,6 +12,8 @@ int main(int argc, char** argv) {
   if (args.empty() || args[0] == "--help" || args[0] == "-h") {
     std::cout << "usage: q3vl <command> [options]\n"
                  "commands:\n"
+                 "  train CONFIG.yaml [--set key=value ...]   train (config: app/train_config.h, jobs/configs/)\n"
+                 "  convert --checkpoint DIR --out HF_DIR [--dtype bf16] [--tokenizer DIR]   checkpoint -> HF folder\n"
                  "  selfcheck [--steps N] [--tokens N]   train a tiny MoE layer stack for N SGD steps (default 20), with timings\n"
                  "  forward --model HF_DIR --batch IN.h5 --out OUT.h5   fp32 forward: logits, loss, aux_loss\n"
                  "  plan --model FLAVOR_OR_DIR [--tokens N] [--seq-len S] [--patches-per-image P]   sizes, FLOPs, memory\n"
@@ -22,6 +24,8 @@ int main(int argc, char** argv) {
   try {
     const std::string cmd = args[0];
     args.erase(args.begin());
+    if (cmd == "train") return q3vl::app::run_train(args);
+    if (cmd == "convert") return q3vl::app::run_convert(args);
     if (cmd == "selfcheck") return q3vl::app::run_selfcheck(args);
     if (cmd == "forward") return q3vl::app::run_forward(args);
     if (cmd == "plan") return q3vl::app::run_plan(args);

@@ -1,12 +1,23 @@
 // Parameter counts of every named flavor (jobs/flavors) against Hugging Face's num_parameters(), as
-// recorded by the pinned golden generator in tests/golden/hf_param_counts.json (counted on the meta device).
+// recorded by the pinned golden generator in tests/golden/hf_param_counts.json (counted on the meta device);
+// and `q3vl plan` for parallel layouts (the q3vl binary, Q3VL_CLI): its per-rank memory and communication
+// against a computation of the same model written here from the parameter list, 1/fsdp scaling of the
+// sharded states, refused layouts, and the 30B-A3B layouts of issue 6 printed.
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include <fstream>
+#include <sys/wait.h>
 
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <map>
+
+#include "core/model/model.h"
 #include "core/model/param_specs.h"
 #include "io/hf_config.h"
+#include "tests/support/test_files.h"
 
 namespace q3vl::test {
 namespace {
@@ -29,6 +40,269 @@ TEST(Plan, ParameterCountsEqualHuggingFaceForEveryNamedFlavor) {
 TEST(Plan, ThirtyBA3BHasThePublishedParameterCount) {
   // HF Qwen3VLMoeForConditionalGeneration(config of Qwen3-VL-30B-A3B-Instruct).num_parameters().
   EXPECT_EQ(count_parameters(io::load_model_config("30B-A3B")), 31070754032);
+}
+
+struct CliRun {
+  int exit_code = -1;
+  std::string output;  // stdout and stderr
+};
+
+CliRun run_q3vl(const std::string& args) {
+  const std::string command = std::string("'") + Q3VL_CLI + "' " + args + " 2>&1";
+  FILE* pipe = ::popen(command.c_str(), "r");
+  if (pipe == nullptr) {
+    ADD_FAILURE() << "cannot start " << command;
+    return {};
+  }
+  CliRun run;
+  char buf[4096];
+  size_t n = 0;
+  while ((n = std::fread(buf, 1, sizeof buf, pipe)) > 0) run.output.append(buf, n);
+  const int status = ::pclose(pipe);
+  run.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return run;
+}
+
+// The {"event":"plan_layout",...} line of a successful `q3vl plan`.
+nlohmann::json plan_layout(const std::string& args) {
+  const CliRun run = run_q3vl("plan " + args);
+  EXPECT_EQ(run.exit_code, 0) << run.output;
+  const std::string key = "{\"event\":\"plan_layout\"";
+  const size_t at = run.output.find(key);
+  if (at == std::string::npos) {
+    ADD_FAILURE() << "no plan_layout line in:\n" << run.output;
+    return nlohmann::json::object();
+  }
+  return nlohmann::json::parse(run.output.substr(at, run.output.find('\n', at) - at));
+}
+
+// The layout model of app/plan_cmd.cpp, restated from its description over the parameter list.
+struct Expected {
+  int64_t stored = 0, largest_unit = 0, allgather = 0, reduce_scatter = 0, alltoall = 0, tp_allreduce = 0,
+          dp_allreduce = 0;
+};
+
+bool ends_with(const std::string& s, const std::string& tail) {
+  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+// Replicated over tp: norms (weights and LayerNorm biases), the router, the patch embedding, the vision
+// position table, and the biases of the row-parallel projections (attention output, second MLP / merger matrix).
+bool replicated_over_tp(const ParamSpec& s) {
+  if (s.hf_key.find("norm") != std::string::npos) return true;
+  for (const char* tail : {".mlp.gate.weight", "patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed.weight",
+                           "attn.proj.bias", "linear_fc2.bias"})
+    if (ends_with(s.hf_key, tail)) return true;
+  return false;
+}
+
+// The FSDP unit a parameter belongs to: its block / layer, or one of the stand-alone groups.
+std::string unit_key(const ParamSpec& s) {
+  if (s.layer >= 0) return std::to_string(static_cast<int>(s.tower)) + "/" + std::to_string(s.layer);
+  if (s.hf_key.find("merger") != std::string::npos) return "mergers";
+  if (s.hf_key.find("patch_embed") != std::string::npos || s.hf_key.find("pos_embed") != std::string::npos)
+    return "vision embeddings";
+  if (s.hf_key.find("embed_tokens") != std::string::npos) return "embed_tokens";
+  return "head";
+}
+
+Expected expected_layout(const ModelConfig& c, int64_t dp, int64_t fsdp, int64_t tp, int64_t ep, int64_t tokens) {
+  const int64_t expert_split = ep > 1 ? ep : tp;  // whole experts under EP, FFN columns split by tp without
+  const int64_t expert_group = fsdp * tp / expert_split;
+  std::map<std::string, std::pair<int64_t, int64_t>> units;  // key -> (non-expert, expert) elements on a rank
+  for (const ParamSpec& s : model_param_specs(c)) {
+    auto& [dense, experts] = units[unit_key(s)];
+    if (s.kind == ParamKind::experts) experts += s.numel() / expert_split;
+    else dense += replicated_over_tp(s) ? s.numel() : (s.numel() + tp - 1) / tp;
+  }
+  Expected e;
+  int64_t moved = 0;
+  for (const auto& [key, unit] : units) {
+    const auto [dense, experts] = unit;
+    const int64_t dense_shard = (dense + fsdp - 1) / fsdp, expert_shard = (experts + expert_group - 1) / expert_group;
+    e.stored += dense_shard + expert_shard;
+    moved += (fsdp - 1) * dense_shard + (expert_group - 1) * expert_shard;
+    e.largest_unit = std::max(e.largest_unit, (fsdp > 1 ? dense : 0) + (expert_group > 1 ? experts : 0));
+  }
+  e.allgather = 8 * moved;
+  e.reduce_scatter = 4 * moved;
+  const int64_t h = c.text.hidden_size;
+  for (int l = 0; l < c.text.num_hidden_layers; ++l) {
+    if (c.is_moe_layer(l)) e.alltoall += tokens * c.text.num_experts_per_tok * h * 16 * (ep - 1) / ep;
+    e.tp_allreduce += 4 * (tokens * h * 8 * (tp - 1) / tp);  // 2 forward + 2 backward
+  }
+  e.tp_allreduce += 2 * (tokens * h * 8 * (tp - 1) / tp);  // embedding output, lm_head input gradient
+  e.dp_allreduce = 4 * e.stored * 2 * (dp - 1) / dp;
+  return e;
+}
+
+void expect_layout(const std::string& model, int64_t dp, int64_t fsdp, int64_t tp, int64_t ep, int64_t tokens) {
+  SCOPED_TRACE(model + " dp " + std::to_string(dp) + " fsdp " + std::to_string(fsdp) + " tp " + std::to_string(tp) +
+               " ep " + std::to_string(ep));
+  const ModelConfig c = io::load_model_config(model);
+  const Expected e = expected_layout(c, dp, fsdp, tp, ep, tokens);
+  const nlohmann::json j = plan_layout("--model " + model + " --tokens " + std::to_string(tokens) + " --dp " +
+                                       std::to_string(dp) + " --fsdp " + std::to_string(fsdp) + " --tp " +
+                                       std::to_string(tp) + " --ep " + std::to_string(ep));
+  ASSERT_TRUE(j.contains("weight_bytes"));
+  EXPECT_EQ(j.at("world").get<int64_t>(), dp * fsdp * tp);
+  EXPECT_EQ(j.at("stored_parameters").get<int64_t>(), e.stored);
+  EXPECT_EQ(j.at("weight_bytes").get<int64_t>(), 4 * e.stored);
+  EXPECT_EQ(j.at("grad_bytes").get<int64_t>(), 4 * e.stored);
+  EXPECT_EQ(j.at("adamw_bytes").get<int64_t>(), 8 * e.stored);
+  EXPECT_EQ(j.at("largest_unit_parameters").get<int64_t>(), e.largest_unit);
+  EXPECT_EQ(j.at("gathered_weight_bytes").get<int64_t>(), 8 * e.largest_unit);
+  EXPECT_EQ(j.at("gathered_grad_bytes").get<int64_t>(), 4 * e.largest_unit);
+  BatchShape shape;
+  shape.batch = 1;
+  shape.seq = tokens;
+  const auto acts = static_cast<int64_t>(Workspace::activation_bytes(c, shape, DType::f32));
+  const auto scratch = static_cast<int64_t>(Workspace::scratch_bytes(c, shape, DType::f32));
+  EXPECT_EQ(j.at("activation_bytes").get<int64_t>(), acts);
+  EXPECT_EQ(j.at("scratch_bytes").get<int64_t>(), scratch);
+  EXPECT_EQ(j.at("total_bytes").get<int64_t>(), 16 * e.stored + 12 * e.largest_unit + acts + scratch);
+  EXPECT_EQ(j.at("fsdp_allgather_bytes").get<int64_t>(), e.allgather);
+  EXPECT_EQ(j.at("fsdp_reduce_scatter_bytes").get<int64_t>(), e.reduce_scatter);
+  EXPECT_EQ(j.at("ep_alltoall_bytes").get<int64_t>(), e.alltoall);
+  EXPECT_EQ(j.at("tp_allreduce_bytes").get<int64_t>(), e.tp_allreduce);
+  EXPECT_EQ(j.at("dp_allreduce_bytes").get<int64_t>(), e.dp_allreduce);
+  EXPECT_EQ(j.at("comm_bytes").get<int64_t>(),
+            e.allgather + e.reduce_scatter + e.alltoall + e.tp_allreduce + e.dp_allreduce);
+}
+
+TEST(PlanLayout, TinyMoeLayoutsMatchTheModelComputedFromTheParameterList) {
+  expect_layout("tiny-moe", 1, 2, 1, 1, 96);
+  expect_layout("tiny-moe", 1, 2, 1, 2, 96);
+  expect_layout("tiny-moe", 1, 4, 1, 2, 100);  // expert groups of 2 ranks; tokens x hidden not a multiple of 3
+  expect_layout("tiny-moe", 1, 1, 2, 1, 64);   // TP alone: experts split by columns
+  expect_layout("tiny-moe", 2, 2, 2, 2, 128);  // 8 ranks: every kind of traffic
+  expect_layout("tiny-moe", 3, 3, 1, 1, 50);   // shards padded (odd fsdp), dp all-reduce 2 x 2/3
+  expect_layout("tiny-dense", 1, 2, 2, 1, 64);
+}
+
+TEST(PlanLayout, TinyMoeAtTp2ByHand) {
+  // tiny-moe on tp 2 (fsdp 1, ep 1, so nothing is padded or gathered), element counts on one rank:
+  // vision: patch embedding 32 x 1536 + 32 and position table 2304 x 32, replicated: 122912; a block keeps its
+  //   LayerNorms (4 x 32) and the row-parallel biases (2 x 32) and halves qkv 96 x 32 + 96, proj 32 x 32,
+  //   fc1 64 x 32 + 64, fc2 32 x 64: 4368, 4 blocks 17472; the merger keeps norm 2 x 32 and fc2 bias 64 and
+  //   halves fc1 128 x 128 + 128, fc2 64 x 128: 12480; each DeepStack merger (norm 2 x 128): 12672, 3 of them
+  //   38016. Vision 190880.
+  // text: token embedding and lm_head 151936 x 64 / 2 = 4861952 each, final norm 64; a layer keeps its norms
+  //   64 + 64 + 16 + 16 and router 8 x 64 and halves q, o 64 x 64 and k, v 32 x 64: 6816, plus half of the
+  //   expert columns (8 x 64 x 96 + 8 x 48 x 64) / 2 = 36864; 4 layers 174720.
+  const nlohmann::json tp2 = plan_layout("--model tiny-moe --tokens 64 --tp 2");
+  EXPECT_EQ(tp2.at("stored_parameters").get<int64_t>(), 190880 + 2 * 4861952 + 64 + 174720);
+  EXPECT_EQ(tp2.at("largest_unit_parameters").get<int64_t>(), 0);
+  EXPECT_EQ(tp2.at("largest_unit").get<std::string>(), "");
+  EXPECT_EQ(count_vision_parameters(io::load_model_config("tiny-moe")), 122912 + 4 * 8544 + 24832 + 3 * 25024);
+  // TP all-reduce: (4 x 4 layers + 2) x 64 tokens x 64 hidden x 4 B x 2 x (2-1)/2.
+  EXPECT_EQ(tp2.at("tp_allreduce_bytes").get<int64_t>(), 18 * 64 * 64 * 4);
+
+  // fsdp 2 x tp 2 x ep 2: 4 of 8 experts per rank; the largest gathered unit is lm_head + final norm.
+  const nlohmann::json ep2 = plan_layout("--model tiny-moe --tokens 64 --fsdp 2 --tp 2 --ep 2");
+  EXPECT_EQ(ep2.at("experts_per_rank").get<int64_t>(), 4);
+  EXPECT_EQ(ep2.at("largest_unit").get<std::string>(), "final norm + lm_head");
+  EXPECT_EQ(ep2.at("largest_unit_parameters").get<int64_t>(), 4861952 + 64);
+  // EP all-to-all: 4 MoE layers x 64 tokens x top-2 x 64 hidden x 4 B x 4 x (2-1)/2.
+  EXPECT_EQ(ep2.at("ep_alltoall_bytes").get<int64_t>(), 4 * 64 * 2 * 64 * 4 * 4 / 2);
+}
+
+TEST(PlanLayout, OneRankIsTheSingleRankPlan) {
+  const ModelConfig c = io::load_model_config("tiny-moe");
+  const nlohmann::json j = plan_layout("--model tiny-moe --tokens 32");
+  EXPECT_EQ(j.at("weight_bytes").get<int64_t>(), 4 * count_parameters(c));
+  EXPECT_EQ(j.at("adamw_bytes").get<int64_t>(), 8 * count_parameters(c));
+  EXPECT_EQ(j.at("gathered_weight_bytes").get<int64_t>(), 0);
+  EXPECT_EQ(j.at("comm_bytes").get<int64_t>(), 0);
+}
+
+TEST(PlanLayout, ShardedStatesScaleAsOneOverFsdp) {
+  // fsdp x (per-rank shard) exceeds the whole model only by the padding of each unit's shards: a part of n
+  // elements split s ways pads by at most s - 1 elements, and with ep > 1 the expert part is padded within
+  // each of the ep expert groups of fsdp / ep ranks, again under fsdp elements per unit.
+  for (const auto& [model, ep] : {std::pair<std::string, int64_t>{"tiny-moe", 1}, {"tiny-moe", 2}, {"30B-A3B", 1},
+                                  {"30B-A3B", 8}}) {
+    const ModelConfig c = io::load_model_config(model);
+    const int64_t total = count_parameters(c);
+    std::map<std::string, int> keys;
+    for (const ParamSpec& s : model_param_specs(c)) keys[unit_key(s)] = 1;
+    const auto units = static_cast<int64_t>(keys.size());
+    for (int64_t fsdp : {8, 16, 32, 64}) {
+      SCOPED_TRACE(model + " fsdp " + std::to_string(fsdp) + " ep " + std::to_string(ep));
+      const nlohmann::json j = plan_layout("--model " + model + " --tokens 16 --fsdp " + std::to_string(fsdp) +
+                                           " --ep " + std::to_string(ep));
+      const int64_t stored = j.at("stored_parameters").get<int64_t>();
+      EXPECT_GE(fsdp * stored, total);
+      EXPECT_LE(fsdp * stored, total + 2 * units * (fsdp - 1));
+      EXPECT_EQ(j.at("weight_bytes").get<int64_t>(), 4 * stored);
+      EXPECT_EQ(j.at("grad_bytes").get<int64_t>(), 4 * stored);
+      EXPECT_EQ(j.at("adamw_bytes").get<int64_t>(), 8 * stored);
+    }
+  }
+}
+
+ModelConfig tiny_moe_with(const TempDir& dir, const std::string& section, const std::string& key, int64_t value) {
+  std::ifstream in(std::string(Q3VL_SOURCE_DIR) + "/jobs/flavors/tiny-moe.json");
+  nlohmann::json config = nlohmann::json::parse(in);
+  config.at(section)[key] = value;
+  write_all(dir / "config.json", config.dump(2));
+  return io::load_model_config(dir / "config.json");
+}
+
+void expect_refused(const std::string& args, const std::string& message) {
+  const CliRun run = run_q3vl("plan " + args);
+  EXPECT_EQ(run.exit_code, 1) << args << "\n" << run.output;
+  EXPECT_NE(run.output.find("q3vl: error: "), std::string::npos) << args << "\n" << run.output;
+  EXPECT_NE(run.output.find(message), std::string::npos) << args << "\nexpected: " << message << "\n" << run.output;
+  EXPECT_EQ(run.output.find("plan_layout"), std::string::npos) << args;
+}
+
+TEST(PlanLayout, InvalidLayoutsAreErrorsNamingTheConstraint) {
+  expect_refused("--model tiny-moe --fsdp 2 --ep 4", "--ep 4 must divide fsdp x tp = 2");
+  expect_refused("--model tiny-moe --fsdp 6 --ep 3", "--ep 3 must divide num_experts = 8");
+  expect_refused("--model tiny-dense --fsdp 2 --ep 2", "--ep 2 needs an MoE model");
+  expect_refused("--model tiny-moe --tp 3", "--tp 3 must divide num_attention_heads = 4");
+  expect_refused("--model tiny-moe --tp 4", "--tp 4 must divide num_key_value_heads = 2");
+  expect_refused("--model 30B-A3B --tp 8", "--tp 8 must divide num_key_value_heads = 4");
+  expect_refused("--model tiny-moe --fsdp 0", "--fsdp expects an integer >= 1");
+  expect_refused("--model tiny-moe --dp two", "--dp expects an integer >= 1");
+
+  TempDir dir;
+  tiny_moe_with(dir, "text_config", "moe_intermediate_size", 51);
+  expect_refused("--model " + dir / "config.json" + " --tp 2", "--tp 2 must divide moe_intermediate_size = 51");
+  tiny_moe_with(dir, "vision_config", "intermediate_size", 65);
+  expect_refused("--model " + dir / "config.json" + " --tp 2 --fsdp 2",
+                 "--tp 2 must divide vision intermediate_size = 65");
+  const ModelConfig one_head = tiny_moe_with(dir, "vision_config", "num_heads", 1);
+  ASSERT_EQ(one_head.vision.num_heads, 1);
+  expect_refused("--model " + dir / "config.json" + " --tp 2", "--tp 2 must divide vision num_heads = 1");
+  // A dense layer among the MoE ones brings the dense FFN width into the check.
+  std::ifstream in(std::string(Q3VL_SOURCE_DIR) + "/jobs/flavors/tiny-moe.json");
+  nlohmann::json mixed = nlohmann::json::parse(in);
+  mixed["text_config"]["mlp_only_layers"] = {1};
+  mixed["text_config"]["intermediate_size"] = 129;
+  write_all(dir / "mixed.json", mixed.dump(2));
+  expect_refused("--model " + dir / "mixed.json" + " --tp 2", "--tp 2 must divide intermediate_size = 129");
+  // Without a dense layer the unused dense width is not checked.
+  EXPECT_EQ(run_q3vl("plan --model " + dir / "mixed.json" + " --tp 1").exit_code, 0);
+  mixed["text_config"]["mlp_only_layers"] = nlohmann::json::array();
+  write_all(dir / "mixed.json", mixed.dump(2));
+  EXPECT_EQ(run_q3vl("plan --model " + dir / "mixed.json" + " --tp 2").exit_code, 0);
+}
+
+TEST(PlanLayout, ThirtyBA3BLayoutsOfIssue6) {
+  // Printed for the notes; the bounds below are the 1/16 and 1/64 shares of 31070754032 parameters.
+  for (int64_t fsdp : {16, 64}) {
+    const CliRun run = run_q3vl("plan --model 30B-A3B --tokens 4096 --fsdp " + std::to_string(fsdp) + " --ep 8");
+    ASSERT_EQ(run.exit_code, 0) << run.output;
+    std::cout << run.output;
+    const nlohmann::json j = plan_layout("--model 30B-A3B --tokens 4096 --fsdp " + std::to_string(fsdp) + " --ep 8");
+    EXPECT_EQ(j.at("experts_per_rank").get<int64_t>(), 16);
+    EXPECT_EQ(j.at("largest_unit").get<std::string>(), "final norm + lm_head");
+    EXPECT_GE(j.at("stored_parameters").get<int64_t>(), 31070754032 / fsdp);
+    // EP all-to-all: 48 MoE layers x 4096 tokens x top-8 x 2048 hidden x 4 B x 4 x 7/8.
+    EXPECT_EQ(j.at("ep_alltoall_bytes").get<int64_t>(), int64_t{48} * 4096 * 8 * 2048 * 4 * 4 * 7 / 8);
+  }
 }
 
 }  // namespace

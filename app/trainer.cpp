@@ -1,0 +1,605 @@
+// The training loop (trainer.h).
+#include "app/trainer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <thread>
+#include <csignal>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <ostream>
+#include <sstream>
+
+#include "app/hf_export.h"
+#include "app/train_batch.h"
+#include "app/watchdog.h"
+#include "core/check.h"
+#include "core/model/flops.h"
+#include "core/optim/adamw.h"
+#include "core/optim/lr_schedule.h"
+#include "io/hf_config.h"
+#include "io/loader.h"
+#include "io/model_io.h"
+#include "io/shard_format.h"
+#include "io/train_checkpoint.h"
+#include "parallel/comm.h"
+#include "parallel/self_comm.h"
+
+namespace q3vl::app {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+
+std::atomic<bool> g_stop_requested{false};
+
+constexpr int kStateFormat = 1;
+
+struct ProcessMemory {
+  int64_t rss = 0, peak = 0;  // bytes
+};
+
+// VmRSS / VmHWM of this process (Linux); zeros where /proc is unavailable.
+ProcessMemory process_memory() {
+  ProcessMemory m;
+  std::ifstream in("/proc/self/status");
+  std::string key;
+  int64_t kib = 0;
+  std::string line;
+  while (std::getline(in, line)) {
+    std::istringstream ls(line);
+    if (!(ls >> key >> kib)) continue;
+    if (key == "VmRSS:") m.rss = kib * 1024;
+    if (key == "VmHWM:") m.peak = kib * 1024;
+  }
+  return m;
+}
+
+std::string human_duration(double seconds) {
+  const int64_t s = static_cast<int64_t>(std::llround(std::max(0.0, seconds)));
+  char buf[32];
+  if (s >= 3600) std::snprintf(buf, sizeof buf, "%lldh%02lldm", (long long)(s / 3600), (long long)(s / 60 % 60));
+  else if (s >= 60) std::snprintf(buf, sizeof buf, "%lldm%02llds", (long long)(s / 60), (long long)(s % 60));
+  else std::snprintf(buf, sizeof buf, "%llds", (long long)s);
+  return buf;
+}
+
+DType export_dtype(const std::string& name) {
+  if (name == "f32") return DType::f32;
+  if (name == "bf16") return DType::bf16;
+  if (name == "f16") return DType::f16;
+  Q3VL_FAIL("export.dtype: expected f32, bf16 or f16, got '", name, "'");
+}
+
+// Fails unless `dir` exists (or can be created) and a file can be written in it.
+void require_writable_dir(const std::string& dir, const std::string& what) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  Q3VL_CHECK(!ec && fs::is_directory(dir), what, ": cannot create folder '", dir, "': ", ec.message());
+  const fs::path probe = fs::path(dir) / ".q3vl-write-test";
+  {
+    std::ofstream f(probe);
+    Q3VL_CHECK(f.good() && (f << "ok") && f.flush(), what, ": folder '", dir, "' is not writable");
+  }
+  fs::remove(probe, ec);
+}
+
+struct ExpertLoad {
+  int layer = 0;
+  double min = 0, max = 0, mean = 0, std = 0;
+};
+
+}  // namespace
+
+std::string param_module(const std::string& key) {
+  if (key.rfind("model.visual.merger", 0) == 0 || key.rfind("model.visual.deepstack_merger_list", 0) == 0) return "mergers";
+  if (key.rfind("model.visual.", 0) == 0) return "vision_tower";
+  return "language_model";
+}
+
+// Discards what is written (the human log of ranks other than 0).
+class NullBuffer : public std::streambuf {
+ protected:
+  int overflow(int c) override { return c; }
+};
+
+struct Trainer::Impl {
+  TrainConfig cfg;
+  std::unique_ptr<parallel::Comm> own_comm;
+  parallel::Comm& comm;
+  bool root;
+  NullBuffer null_buffer;
+  std::ostream null_out{&null_buffer};
+  std::ostream& out;
+  std::unique_ptr<Model> model;
+  std::unique_ptr<io::Loader> loader;
+  std::vector<OptimTensor> optim_tensors;
+  std::unique_ptr<AdamW> adamw;
+  LrSchedule schedule;
+  FlopModel flops;
+  std::unique_ptr<Workspace> workspace;
+  std::string checkpoint_root, metrics_path, config_yaml;
+  std::ofstream metrics;
+  int64_t step = 0;           // optimizer steps done
+  int64_t tokens_seen = 0;    // tokens consumed over the whole run (resumes included)
+  int64_t skipped_steps = 0;
+  double ema_step_seconds = 0;
+  std::function<void(const StepRecord&)> step_callback;
+  std::unique_ptr<Watchdog> watchdog;
+  // Fault injection for the watchdog test: Q3VL_FAULT_HANG=RANK:STEP makes that rank stop making progress
+  // (sleep) when it starts that step.
+  int hang_rank = -1;
+  int64_t hang_step = -1;
+
+  void beat(const std::string& what) {
+    if (watchdog) watchdog->beat(what);
+  }
+  std::vector<std::vector<int64_t>> expert_counts;  // per MoE layer, accumulated over a step
+
+  Impl(const TrainConfig& c, std::ostream& o, parallel::Comm* shared)
+      : cfg(c),
+        own_comm(shared ? nullptr : std::make_unique<parallel::SelfComm>()),
+        comm(shared ? *shared : *own_comm),
+        root(comm.rank() == 0),
+        out(root ? o : null_out) {}
+
+  void reduce_expert_stats(std::vector<MoeStats>& layers);
+  // One metrics.jsonl record (rank 0).
+  void emit(const json& record) {
+    if (root) metrics << record.dump() << "\n" << std::flush;
+  }
+  void reduce_gradients();
+
+  void build();
+  void resume_if_asked();
+  std::string trainer_state_json() const;
+  std::string save_checkpoint();
+  StepRecord train_step();
+  void log_step(const StepRecord& r, int64_t micro_tokens_total);
+  void log_expert_load();
+};
+
+void Trainer::Impl::build() {
+  cfg.validate();
+  const ParallelSection& par = cfg.parallel;
+  Q3VL_CHECK(par.world() == comm.size(), "parallel: dp x fsdp x tp = ", par.dp, " x ", par.fsdp, " x ", par.tp, " = ",
+             par.world(), " ranks, but the job has ", comm.size(), " (mpirun -n / srun --ntasks)");
+  Q3VL_CHECK(par.fsdp == 1, "parallel.fsdp: parameter sharding is not implemented yet (issue 6); use parallel.dp ",
+             "for data parallelism");
+  Q3VL_CHECK(par.tp == 1, "parallel.tp: tensor parallelism is not implemented yet (issue 6); use tp: 1");
+  Q3VL_CHECK(par.ep == 1, "parallel.ep: expert parallelism is not implemented yet (issue 6); use ep: 1");
+  // Output folder first: nothing is computed for a run that cannot write its results.
+  if (root) require_writable_dir(cfg.output_dir, "output_dir");
+  comm.barrier();
+  checkpoint_root = (fs::path(cfg.output_dir) / "checkpoints").string();
+  metrics_path = (fs::path(cfg.output_dir) / "metrics.jsonl").string();
+
+  // Model.
+  if (cfg.model.checkpoint) {
+    model = io::load_hf_model(*cfg.model.checkpoint);
+    if (cfg.model.router_aux_loss_coef) {
+      ModelConfig mc = model->config();
+      mc.text.router_aux_loss_coef = *cfg.model.router_aux_loss_coef;
+      auto replaced = std::make_unique<Model>(mc);
+      for (size_t i = 0; i < replaced->weights().size(); ++i) copy(replaced->weights().tensor(i), model->weights().tensor(i));
+      model = std::move(replaced);
+    }
+  } else {
+    ModelConfig mc = io::load_model_config(cfg.model.flavor ? *cfg.model.flavor : *cfg.model.config);
+    if (cfg.model.router_aux_loss_coef) mc.text.router_aux_loss_coef = *cfg.model.router_aux_loss_coef;
+    model = std::make_unique<Model>(mc);
+    model->init_weights(cfg.model.init_seed);
+  }
+  const ModelConfig& mc = model->config();
+  flops = flop_model(mc);
+
+  // Data: the manifest and shards are validated by the loader; the tokenizer must be the one packed with.
+  io::LoaderOptions lo;
+  lo.dir = cfg.data.dir;
+  lo.state.seed = cfg.data.seed.value_or(cfg.train.seed);
+  lo.sequences_per_batch = cfg.data.sequences_per_batch;
+  lo.prefetch = cfg.data.prefetch;
+  lo.rank = comm.rank();
+  lo.world = comm.size();
+  loader = std::make_unique<io::Loader>(lo);
+  const io::Manifest& manifest = loader->manifest();
+  Q3VL_CHECK(loader->batches_per_epoch() > 0, "data.dir: '", cfg.data.dir, "' holds ", loader->num_sequences(),
+             " packed sequences, fewer than data.sequences_per_batch = ", cfg.data.sequences_per_batch);
+  std::vector<std::string> tokenizer_files;
+  if (cfg.export_.tokenizer) tokenizer_files.push_back((fs::path(*cfg.export_.tokenizer) / "tokenizer.json").string());
+  if (cfg.model.checkpoint && fs::exists(fs::path(*cfg.model.checkpoint) / "tokenizer.json"))
+    tokenizer_files.push_back((fs::path(*cfg.model.checkpoint) / "tokenizer.json").string());
+  for (const std::string& t : tokenizer_files) {
+    const std::string hash = io::tokenizer_file_hash(t);
+    Q3VL_CHECK(hash == manifest.tokenizer_hash, "data.dir: '", cfg.data.dir, "' was packed with tokenizer ",
+               manifest.tokenizer_hash, " but '", t, "' has hash ", hash, " (pack the data with this tokenizer)");
+  }
+
+  // Optimizer: one entry per parameter, in model_param_specs order.
+  std::vector<std::string> frozen = cfg.optimizer.freeze;
+  for (size_t i = 0; i < model->weights().size(); ++i) {
+    const ParamSpec& spec = model->weights().specs()[i];
+    OptimTensor t;
+    t.name = spec.hf_key;
+    t.param = model->weights().tensor(i);
+    t.grad = model->grads().tensor(i);
+    const std::string kind(param_kind_name(spec.kind));
+    t.decay = std::find(cfg.optimizer.no_decay.begin(), cfg.optimizer.no_decay.end(), kind) == cfg.optimizer.no_decay.end();
+    const std::string module = param_module(spec.hf_key);
+    t.lr_scale = cfg.optimizer.lr_scale.at(module);
+    t.frozen = std::find(frozen.begin(), frozen.end(), module) != frozen.end();
+    optim_tensors.push_back(t);
+  }
+  AdamWOptions ao;
+  ao.beta1 = cfg.optimizer.beta1;
+  ao.beta2 = cfg.optimizer.beta2;
+  ao.eps = cfg.optimizer.eps;
+  ao.weight_decay = cfg.optimizer.weight_decay;
+  adamw = std::make_unique<AdamW>(optim_tensors, ao);
+  schedule.lr = cfg.optimizer.lr;
+  schedule.min_lr = cfg.optimizer.min_lr;
+  schedule.warmup_steps = cfg.optimizer.warmup_steps;
+  schedule.total_steps = cfg.train.steps;
+  schedule.decay = parse_lr_decay(cfg.optimizer.decay);
+  schedule.validate();
+  expert_counts.assign(mc.num_moe_layers(), std::vector<int64_t>(std::max(mc.text.num_experts, 0), 0));
+
+  config_yaml = cfg.to_yaml();
+  if (root) {
+    std::ofstream f(fs::path(cfg.output_dir) / "config.yaml");
+    f << config_yaml;
+    Q3VL_CHECK(f.flush(), "output_dir: cannot write '", (fs::path(cfg.output_dir) / "config.yaml").string(), "'");
+  }
+}
+
+std::string Trainer::Impl::trainer_state_json() const {
+  json j;
+  j["format"] = kStateFormat;
+  j["step"] = step;
+  j["optimizer_steps"] = adamw->steps();
+  j["tokens_seen"] = tokens_seen;
+  j["skipped_steps"] = skipped_steps;
+  j["seed"] = cfg.train.seed;
+  j["loader"] = json::parse(loader->state().to_json());
+  return j.dump(2);
+}
+
+namespace {
+
+// The AdamW moments under the names a checkpoint stores them.
+std::vector<io::NamedTensor> optimizer_state_tensors(const AdamW& adamw) {
+  std::vector<io::NamedTensor> v;
+  for (size_t i = 0; i < adamw.size(); ++i) {
+    v.push_back({adamw.tensor(i).name + ".exp_avg", adamw.exp_avg(i)});
+    v.push_back({adamw.tensor(i).name + ".exp_avg_sq", adamw.exp_avg_sq(i)});
+  }
+  return v;
+}
+
+}  // namespace
+
+void Trainer::Impl::resume_if_asked() {
+  const std::string& r = cfg.checkpoint.resume;
+  std::string dir;
+  if (r == "none") return;
+  if (r == "auto") {
+    const auto latest = io::latest_complete_checkpoint(checkpoint_root);
+    if (!latest) return;
+    dir = latest->path;
+  } else {
+    dir = r;
+  }
+  Model& m = *model;
+  const io::TrainCheckpointRead read = io::load_train_checkpoint(
+      dir, m.config(), [&](const std::string& key) { return m.weights().at(key); }, optimizer_state_tensors(*adamw));
+  json s;
+  try {
+    s = json::parse(read.trainer_state_json);
+  } catch (const json::exception& e) {
+    Q3VL_FAIL("checkpoint '", dir, "': trainer_state.json is not valid JSON: ", e.what());
+  }
+  try {
+    Q3VL_CHECK(s.at("format").get<int>() == kStateFormat, "checkpoint '", dir, "': trainer_state.json format ",
+               s.at("format").dump(), " is not ", kStateFormat);
+    step = s.at("step").get<int64_t>();
+    adamw->set_steps(s.at("optimizer_steps").get<int64_t>());
+    tokens_seen = s.at("tokens_seen").get<int64_t>();
+    skipped_steps = s.at("skipped_steps").get<int64_t>();
+    loader->restore(io::LoaderState::from_json(s.at("loader").dump()));
+  } catch (const json::exception& e) {
+    Q3VL_FAIL("checkpoint '", dir, "': trainer_state.json: ", e.what());
+  }
+  out << "resumed from " << dir << " at step " << step << "\n";
+}
+
+std::string Trainer::Impl::save_checkpoint() {
+  // Every rank holds the same state: rank 0 writes, the others wait so nobody runs ahead of a failed save.
+  std::string dir;
+  beat("checkpoint of step " + std::to_string(step));
+  if (root) {
+    io::TrainCheckpointWrite w;
+    w.step = step;
+    w.model_config = &model->config();
+    Model& m = *model;
+    w.weights = [&](const std::string& key) { return m.weights().at(key); };
+    w.optimizer = optimizer_state_tensors(*adamw);
+    w.trainer_state_json = trainer_state_json();
+    w.config_yaml = config_yaml;
+    const auto t0 = std::chrono::steady_clock::now();
+    dir = io::save_train_checkpoint(checkpoint_root, w, cfg.checkpoint.keep);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    char line[64];
+    std::snprintf(line, sizeof line, " (%.2f s)", secs);
+    out << "checkpoint step " << step << " -> " << dir << line << "\n";
+    emit(json{{"event", "checkpoint"}, {"step", step}, {"path", dir}, {"seconds", secs}});
+  }
+  comm.barrier();
+  return dir;
+}
+
+StepRecord Trainer::Impl::train_step() {
+  const auto t0 = std::chrono::steady_clock::now();
+  StepRecord rec;
+  rec.lr = schedule.at(step);
+  // All micro-batches of the step first: the CE mean is over all their targets.
+  std::vector<std::unique_ptr<TrainBatch>> micro;
+  if (comm.rank() == hang_rank && step + 1 == hang_step) {
+    std::fprintf(stderr, "rank %d: Q3VL_FAULT_HANG: not making progress in step %lld\n", hang_rank, (long long)hang_step);
+    for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
+  }
+  beat("step " + std::to_string(step + 1) + ": loading micro-batches");
+  for (int k = 0; k < cfg.train.grad_accum; ++k) micro.push_back(std::make_unique<TrainBatch>(loader->next()));
+  BatchShape need = micro[0]->shape();
+  for (const auto& b : micro) {
+    need = batch_shape_max(need, b->shape());
+    rec.tokens += b->tokens();
+    rec.target_tokens += b->target_tokens();
+  }
+  {
+    int64_t counts[2] = {rec.tokens, rec.target_tokens};
+    comm.all_reduce_sum(std::span<int64_t>(counts, 2));
+    rec.tokens = counts[0];
+    rec.target_tokens = counts[1];
+  }
+  if (cfg.train.max_tokens > 0)
+    Q3VL_CHECK(need.tokens() <= cfg.train.max_tokens, "train.max_tokens: a micro-batch of ", need.tokens(),
+               " tokens exceeds the configured capacity ", cfg.train.max_tokens);
+  if (!workspace || !batch_fits(need, workspace->capacity())) {
+    const BatchShape cap = workspace ? batch_shape_max(need, workspace->capacity()) : need;
+    workspace.reset();
+    workspace = std::make_unique<Workspace>(*model, cap);
+  }
+
+  model->zero_grads();
+  for (auto& c : expert_counts) std::fill(c.begin(), c.end(), 0);
+  const int64_t normalizer = std::max<int64_t>(rec.target_tokens, 1);
+  bool finite = true;
+  ForwardOptions fo;
+  if (comm.size() > 1) fo.expert_stats_reducer = [this](std::vector<MoeStats>& layers) { reduce_expert_stats(layers); };
+  for (const auto& b : micro) {
+    beat("step " + std::to_string(step + 1) + ": forward and backward");
+    const ForwardResult r = model->forward(b->batch(), *workspace, fo);
+    rec.ce_loss += r.ce_loss * static_cast<double>(r.ce_tokens) / static_cast<double>(normalizer);
+    rec.aux_loss += r.aux_loss / cfg.train.grad_accum;
+    finite = finite && std::isfinite(r.loss);
+    const auto& load = workspace->expert_load();
+    for (size_t l = 0; l < load.size(); ++l) {
+      const int64_t* c = load[l].counts.data<int64_t>();
+      for (size_t e = 0; e < expert_counts[l].size(); ++e) expert_counts[l][e] += c[e];
+    }
+    BackwardOptions bo;
+    bo.ce_normalizer = normalizer;
+    bo.aux_scale = 1.0 / cfg.train.grad_accum;
+    model->backward(*workspace, bo);
+  }
+  {
+    double sums[2] = {rec.ce_loss, finite ? 0.0 : 1.0};
+    comm.all_reduce_sum(std::span<double>(sums, 2));
+    rec.ce_loss = sums[0];
+    finite = sums[1] == 0.0;
+  }
+  beat("step " + std::to_string(step + 1) + ": gradient all-reduce");
+  reduce_gradients();
+  beat("step " + std::to_string(step + 1) + ": optimizer");
+  const double coef = model->config().num_moe_layers() > 0 ? model->config().text.router_aux_loss_coef : 0.0;
+  rec.loss = rec.ce_loss + coef * rec.aux_loss;
+  rec.grad_norm = std::sqrt(gradient_sum_of_squares(optim_tensors));
+  ++step;
+  rec.step = step;
+  if (!finite || !std::isfinite(rec.grad_norm)) {
+    std::ostringstream why;
+    why << "step " << step << ": " << (!finite ? "loss" : "gradient norm") << " is not finite (loss " << rec.loss
+        << ", gradient norm " << rec.grad_norm << "; its micro-batches end at loader epoch " << loader->state().epoch
+        << " position " << loader->state().position << ")";
+    Q3VL_CHECK(cfg.train.skip_nonfinite, why.str(), "; set train.on_nonfinite: skip to skip such steps");
+    out << why.str() << ": update skipped\n";
+    rec.skipped = true;
+    ++skipped_steps;
+  } else {
+    adamw->step(rec.lr, clip_coefficient(rec.grad_norm, cfg.optimizer.grad_clip));
+  }
+  tokens_seen += rec.tokens;
+  rec.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  double step_flops = 0;
+  for (const auto& b : micro) step_flops += train_flops(flops, b->document_tokens(), b->item_patches());
+  log_step(rec, static_cast<int64_t>(step_flops));
+  return rec;
+}
+
+void Trainer::Impl::log_step(const StepRecord& r, int64_t step_flops) {
+  ema_step_seconds = ema_step_seconds == 0 ? r.seconds : 0.9 * ema_step_seconds + 0.1 * r.seconds;
+  const double tok_s = r.tokens / std::max(r.seconds, 1e-9);
+  const double gflops = static_cast<double>(step_flops) / std::max(r.seconds, 1e-9) / 1e9;
+  const double mfu = cfg.logging.peak_gflops > 0 ? gflops / cfg.logging.peak_gflops : 0.0;
+  const ProcessMemory mem = process_memory();
+  const double eta = ema_step_seconds * static_cast<double>(cfg.train.steps - step);
+  json j{{"event", "step"},  {"step", r.step},       {"steps", cfg.train.steps}, {"loss", r.loss},
+         {"ce_loss", r.ce_loss}, {"aux_loss", r.aux_loss}, {"grad_norm", r.grad_norm}, {"lr", r.lr},
+         {"tokens", r.tokens}, {"target_tokens", r.target_tokens}, {"tokens_per_s", tok_s}, {"gflops", gflops},
+         {"mfu", mfu},         {"step_s", r.seconds},  {"rss_bytes", mem.rss}, {"peak_rss_bytes", mem.peak},
+         {"skipped", r.skipped}, {"tokens_seen", tokens_seen}};
+  emit(j);
+  if (r.step % cfg.logging.every != 0 && r.step != cfg.train.steps) return;
+  char line[512];
+  std::snprintf(line, sizeof line,
+                "step %lld/%lld | loss %.4f | aux %.4f | grad %.3f | lr %.3e | %.0f tok/s | %.2f GFLOP/s%s | %.3f s | "
+                "mem %.0f MiB | ETA %s%s\n",
+                (long long)r.step, (long long)cfg.train.steps, r.loss, r.aux_loss, r.grad_norm, r.lr, tok_s, gflops,
+                cfg.logging.peak_gflops > 0 ? (" (MFU " + std::to_string(mfu * 100).substr(0, 4) + "%)").c_str() : "",
+                r.seconds, mem.rss / 1048576.0, human_duration(eta).c_str(), r.skipped ? " | SKIPPED" : "");
+  out << line << std::flush;
+}
+
+void Trainer::Impl::log_expert_load() {
+  if (expert_counts.empty()) return;
+  json layers = json::array();
+  double worst_max_over_mean = 0;
+  int worst_layer = 0;
+  for (size_t l = 0; l < expert_counts.size(); ++l) {
+    const auto& c = expert_counts[l];
+    const double n = static_cast<double>(c.size());
+    double sum = 0, sq = 0, mn = 1e300, mx = 0;
+    for (const int64_t v : c) {
+      sum += v;
+      sq += static_cast<double>(v) * v;
+      mn = std::min(mn, static_cast<double>(v));
+      mx = std::max(mx, static_cast<double>(v));
+    }
+    const double mean = sum / n, sd = std::sqrt(std::max(0.0, sq / n - mean * mean));
+    layers.push_back({{"moe_layer", l}, {"min", mn}, {"max", mx}, {"mean", mean}, {"std", sd}});
+    if (mean > 0 && mx / mean > worst_max_over_mean) {
+      worst_max_over_mean = mx / mean;
+      worst_layer = static_cast<int>(l);
+    }
+  }
+  emit(json{{"event", "expert_load"}, {"step", step}, {"layers", layers}});
+  char line[256];
+  const auto& w = layers[worst_layer];
+  std::snprintf(line, sizeof line,
+                "expert load step %lld: %zu MoE layers, most unbalanced layer %d: tokens per expert min %.0f max %.0f "
+                "mean %.1f std %.1f\n",
+                (long long)step, expert_counts.size(), worst_layer, w["min"].get<double>(), w["max"].get<double>(),
+                w["mean"].get<double>(), w["std"].get<double>());
+  out << line;
+}
+
+void Trainer::Impl::reduce_expert_stats(std::vector<MoeStats>& layers) {
+  const size_t e = layers.empty() ? 0 : static_cast<size_t>(layers[0].counts.numel());
+  std::vector<int64_t> ints(layers.size() * (e + 1));
+  std::vector<double> probs(layers.size() * e);
+  for (size_t l = 0; l < layers.size(); ++l) {
+    std::copy_n(layers[l].counts.data<int64_t>(), e, ints.begin() + l * e);
+    std::copy_n(layers[l].prob_sum.data<double>(), e, probs.begin() + l * e);
+    ints[layers.size() * e + l] = layers[l].valid_tokens;
+  }
+  comm.all_reduce_sum(std::span<int64_t>(ints));
+  comm.all_reduce_sum(std::span<double>(probs));
+  for (size_t l = 0; l < layers.size(); ++l) {
+    std::copy_n(ints.begin() + l * e, e, layers[l].counts.data<int64_t>());
+    std::copy_n(probs.begin() + l * e, e, layers[l].prob_sum.data<double>());
+    layers[l].valid_tokens = ints[layers.size() * e + l];
+  }
+}
+
+void Trainer::Impl::reduce_gradients() {
+  if (comm.size() == 1) return;
+  for (const OptimTensor& t : optim_tensors) {
+    if (t.frozen) continue;
+    comm.all_reduce_sum(std::span<float>(t.grad.data<float>(), static_cast<size_t>(t.grad.numel())));
+  }
+}
+
+Trainer::Trainer(const TrainConfig& config, std::ostream& out, parallel::Comm* comm)
+    : impl_(std::make_unique<Impl>(config, out, comm)) {
+  impl_->build();
+  impl_->resume_if_asked();
+  if (impl_->root) {
+    impl_->metrics.open(impl_->metrics_path, std::ios::app);
+    Q3VL_CHECK(impl_->metrics.good(), "output_dir: cannot open '", impl_->metrics_path, "' for writing");
+  }
+}
+
+Trainer::~Trainer() = default;
+
+const Model& Trainer::model() const { return *impl_->model; }
+
+void Trainer::set_step_callback(std::function<void(const StepRecord&)> callback) {
+  impl_->step_callback = std::move(callback);
+}
+
+namespace {
+extern "C" void on_stop_signal(int) { Trainer::request_stop(); }
+}  // namespace
+
+void Trainer::install_stop_signal_handlers() {
+  struct sigaction sa {};
+  sa.sa_handler = on_stop_signal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGUSR1, &sa, nullptr);
+}
+
+void Trainer::request_stop() { g_stop_requested.store(true); }
+void Trainer::clear_stop_request() { g_stop_requested.store(false); }
+
+TrainOutcome Trainer::run() {
+  Impl& m = *impl_;
+  TrainOutcome outcome;
+  outcome.start_step = m.step;
+  const ModelConfig& mc = m.model->config();
+  m.out << "training " << (m.cfg.model.flavor ? *m.cfg.model.flavor : m.cfg.model.checkpoint ? *m.cfg.model.checkpoint : *m.cfg.model.config)
+        << ": " << count_parameters(mc) << " parameters, " << m.loader->num_sequences() << " packed sequences ("
+        << m.loader->batches_per_epoch() << " micro-batches per epoch), steps " << m.step << " -> " << m.cfg.train.steps
+        << ", grad_accum " << m.cfg.train.grad_accum << "\n";
+  json start{{"event", "start"}, {"step", m.step}, {"steps", m.cfg.train.steps}, {"parameters", count_parameters(mc)},
+             {"sequences", m.loader->num_sequences()}};
+  m.emit(start);
+
+  if (m.comm.size() > 1) m.watchdog = std::make_unique<Watchdog>(m.cfg.parallel.step_timeout_s, m.comm.rank());
+  if (const char* hang = std::getenv("Q3VL_FAULT_HANG")) {
+    long long hang_step = 0;
+    Q3VL_CHECK(std::sscanf(hang, "%d:%lld", &m.hang_rank, &hang_step) == 2, "Q3VL_FAULT_HANG: expected RANK:STEP, got '",
+               hang, "'");
+    m.hang_step = hang_step;
+  }
+  const bool periodic = m.cfg.checkpoint.every > 0;
+  while (m.step < m.cfg.train.steps) {
+    outcome.steps.push_back(m.train_step());
+    if (m.step_callback) m.step_callback(outcome.steps.back());
+    if (m.cfg.logging.expert_stats_every > 0 && m.step % m.cfg.logging.expert_stats_every == 0) m.log_expert_load();
+    int64_t stop_flag = g_stop_requested.load() ? 1 : 0;  // every rank stops at the same step
+    m.comm.all_reduce_max(std::span<int64_t>(&stop_flag, 1));
+    const bool stop = stop_flag != 0;
+    if (stop || m.step == m.cfg.train.steps || (periodic && m.step % m.cfg.checkpoint.every == 0))
+      outcome.last_checkpoint = m.save_checkpoint();
+    if (stop && m.step < m.cfg.train.steps) {
+      m.out << "stop requested: saved step " << m.step << ", exiting\n";
+      outcome.stopped_by_signal = true;
+      break;
+    }
+  }
+  outcome.steps_done = m.step;
+  m.beat("export");
+  if (m.step == m.cfg.train.steps && !outcome.stopped_by_signal && m.cfg.export_.hf) {
+    outcome.export_dir = (fs::path(m.cfg.output_dir) / "hf").string();
+    HfExportOptions eo;
+    eo.dtype = export_dtype(m.cfg.export_.dtype);
+    eo.max_shard_bytes = static_cast<uint64_t>(m.cfg.export_.shard_mb) << 20;
+    if (m.cfg.export_.tokenizer) eo.tokenizer_dir = *m.cfg.export_.tokenizer;
+    if (m.root) {
+      export_hf(outcome.export_dir, *m.model, eo);
+      m.out << "exported HF model -> " << outcome.export_dir << "\n";
+    }
+    m.comm.barrier();
+  }
+  m.watchdog.reset();
+  return outcome;
+}
+
+}  // namespace q3vl::app

@@ -1,0 +1,87 @@
+// The training loop of `q3vl train` on one process: model (flavor, config.json or HF checkpoint), packed-shard
+// loader, AdamW with schedule and clipping, gradient accumulation, progress and JSON-lines metrics, atomic
+// checkpoints with exact resume, stop-and-save on a signal, and the HF export at the end.
+//
+// Step s (0-based) consumes grad_accum micro-batches. Their cross-entropy is one mean over all their target
+// tokens and their aux loss a mean over micro-batches, so accumulation gives the gradient of the same loss
+// as one big batch. A non-finite loss or gradient norm stops the run (exit code 1) or, with
+// train.on_nonfinite: skip, skips the optimizer update for that step and counts it.
+//
+// Everything the next step depends on (weights, AdamW moments and step, loader position, counters) is in a
+// checkpoint, so N steps + resume + N steps equal 2N steps bit for bit.
+//
+// Data parallelism (parallel.dp ranks of a communicator): each rank reads its own sequences;
+// the CE normaliser, the MoE routing statistics (so the aux loss is the global batch's) and the gradients are
+// summed over ranks before the (replicated) AdamW step, so a run on R ranks with one sequence each computes
+// the loss and update of one rank with R sequences, up to fp32 summation order. Rank 0 logs, writes the
+// checkpoints (every rank holds the same state) and the export. parallel.fsdp, parallel.tp and parallel.ep
+// above 1 are refused until parameter sharding, tensor and expert parallelism exist.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <iosfwd>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "app/train_config.h"
+#include "core/model/model.h"
+
+namespace q3vl::parallel {
+class Comm;
+}
+
+namespace q3vl::app {
+
+struct StepRecord {
+  int64_t step = 0;  // 1-based count of optimizer steps done
+  double loss = 0, ce_loss = 0, aux_loss = 0, grad_norm = 0, lr = 0;
+  int64_t tokens = 0, target_tokens = 0;
+  double seconds = 0;
+  bool skipped = false;
+};
+
+struct TrainOutcome {
+  int64_t start_step = 0;          // steps already done when the run started (resume)
+  int64_t steps_done = 0;          // optimizer steps done at the end (including start_step)
+  bool stopped_by_signal = false;  // a stop request ended the run early (after saving)
+  std::vector<StepRecord> steps;   // the steps this run executed
+  std::string last_checkpoint;     // the newest checkpoint written (empty if none)
+  std::string export_dir;          // the HF export (empty if none)
+};
+
+class Trainer {
+ public:
+  // Validates the inputs (data, tokenizer, output folder, checkpoint to resume) and builds everything; errors
+  // name the key or file. `out` receives the human progress lines.
+  // `comm`: the ranks of this run (nullptr: one process). Only rank 0 writes to `out`.
+  Trainer(const TrainConfig& config, std::ostream& out, parallel::Comm* comm = nullptr);
+  ~Trainer();
+  Trainer(const Trainer&) = delete;
+  Trainer& operator=(const Trainer&) = delete;
+
+  TrainOutcome run();
+
+  // Called after every step (tests use it to raise a signal at a chosen step).
+  void set_step_callback(std::function<void(const StepRecord&)> callback);
+
+  const Model& model() const;
+
+  // Asks the running trainer to save at the next step boundary and return (async-signal-safe).
+  static void request_stop();
+  static void clear_stop_request();
+  // SIGTERM and SIGUSR1 call request_stop().
+  static void install_stop_signal_handlers();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Which module a parameter belongs to for freezing and learning-rate scales: "vision_tower", "mergers"
+// (the final and DeepStack mergers) or "language_model" (decoder, embeddings and lm_head).
+std::string param_module(const std::string& hf_key);
+
+}  // namespace q3vl::app

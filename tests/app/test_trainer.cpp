@@ -1,0 +1,291 @@
+// The trainer end to end on real packed data (cc12m captions with their images, shrunk): overfitting, exact
+// resume after a signal-triggered save, gradient accumulation equal to a bigger batch, non-finite handling,
+// bad checkpoints and inputs, and the HF export.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <csignal>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <sstream>
+
+#include "app/train_config.h"
+#include "app/trainer.h"
+#include "io/hf_config.h"
+#include "io/image.h"
+#include "io/image_resize.h"
+#include "io/model_io.h"
+#include "io/packer.h"
+#include "io/shard_format.h"
+#include "io/train_checkpoint.h"
+#include "tests/support/gradcheck.h"
+#include "tests/support/test_files.h"
+
+namespace q3vl::app {
+namespace {
+
+namespace fs = std::filesystem;
+
+const std::string kShared = Q3VL_SHARED_DIR;
+const std::string kTokenizerDir = kShared + "/assets/qwen3-tokenizer";
+
+// Packs the first `samples` cc12m caption samples (images shrunk to 64x64: 4 vision tokens) into `out`.
+void pack_captions(const std::string& out, int samples, int64_t budget) {
+  const std::string src = kShared + "/data/cc12m-32/captions.jsonl";
+  std::ifstream in(src);
+  std::ostringstream lines;
+  std::string line;
+  for (int i = 0; i < samples && std::getline(in, line); ++i) lines << line << "\n";
+  fs::create_directories(out);
+  const std::string input = out + "/samples.jsonl";
+  test::write_all(input, lines.str());
+  for (const auto& e : fs::directory_iterator(kShared + "/data/cc12m-32"))
+    if (e.path().extension() == ".jpg") fs::copy_file(e.path(), fs::path(out) / e.path().filename(), fs::copy_options::skip_existing);
+  io::PackOptions options;
+  options.inputs = {input};
+  options.out_dir = out + "/packed";
+  options.token_budget = budget;
+  io::MediaDecoder media;
+  media.image = [](const std::string& path) {
+    const io::Image resized = io::resize_for_model(io::decode_image(path), {.factor = 32, .min_pixels = 4096, .max_pixels = 4096});
+    return io::DecodedMedia{1, static_cast<int32_t>(resized.height), static_cast<int32_t>(resized.width), resized.pixels, {}};
+  };
+  const std::string tokenizer = kTokenizerDir + "/tokenizer.json";
+  const io::PackSummary summary = io::pack(options, io::Tokenizer::load(tokenizer), io::tokenizer_file_hash(tokenizer), media);
+  ASSERT_EQ(summary.samples_packed, samples) << summary.report();
+}
+
+class TrainerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ::setenv("Q3VL_FLAVORS_DIR", (std::string(Q3VL_SOURCE_DIR) + "/jobs/flavors").c_str(), 1);
+    Trainer::clear_stop_request();
+  }
+
+  TrainConfig base_config(const std::string& data, const std::string& out) const {
+    TrainConfig c;
+    c.model.flavor = "tiny-moe";
+    c.model.init_seed = 7;
+    c.data.dir = data;
+    c.train.steps = 4;
+    c.optimizer.lr = 2e-3;
+    c.optimizer.warmup_steps = 1;
+    c.logging.expert_stats_every = 2;
+    c.checkpoint.resume = "auto";
+    c.export_.hf = false;
+    c.output_dir = out;
+    return c;
+  }
+
+  test::TempDir tmp;
+  std::ostringstream log;
+};
+
+std::vector<float> weights_of(const Model& m) {
+  std::vector<float> w;
+  for (size_t i = 0; i < m.weights().size(); ++i) {
+    const Tensor& t = m.weights().tensor(i);
+    w.insert(w.end(), t.data<float>(), t.data<float>() + t.numel());
+  }
+  return w;
+}
+
+TEST_F(TrainerTest, OverfitsEightSamples) {
+  pack_captions(tmp / "data", 8, 1024);
+  TrainConfig c = base_config(tmp / "data/packed", tmp / "run");
+  c.train.steps = 60;
+  c.optimizer.lr = 3e-3;
+  c.optimizer.warmup_steps = 5;
+  c.optimizer.decay = "constant";
+  c.optimizer.weight_decay = 0.0;
+  c.data.sequences_per_batch = 1;
+  Trainer t(c, log);
+  const TrainOutcome o = t.run();
+  ASSERT_EQ(o.steps.size(), 60u);
+  std::printf("overfit: loss %.4f -> %.4f after %zu steps\n", o.steps.front().loss, o.steps.back().loss, o.steps.size());
+  EXPECT_GT(o.steps.front().loss, 5.0) << "an untrained model should be far from the data";
+  EXPECT_LT(o.steps.back().loss, 0.5) << log.str();
+}
+
+TEST_F(TrainerTest, ResumeAfterSignalIsBitExact) {
+  pack_captions(tmp / "data", 12, 256);
+  TrainConfig c = base_config(tmp / "data/packed", tmp / "straight");
+  c.train.steps = 6;
+  c.train.grad_accum = 2;
+  Trainer straight(c, log);
+  const TrainOutcome a = straight.run();
+  ASSERT_EQ(a.steps.size(), 6u);
+
+  c.output_dir = tmp / "split";
+  TrainOutcome first;
+  {
+    Trainer::install_stop_signal_handlers();
+    Trainer t(c, log);
+    t.set_step_callback([](const StepRecord& r) {
+      if (r.step == 3) std::raise(SIGUSR1);
+    });
+    first = t.run();
+  }
+  EXPECT_TRUE(first.stopped_by_signal);
+  ASSERT_EQ(first.steps_done, 3);
+  ASSERT_EQ(io::list_complete_checkpoints(tmp / "split/checkpoints").size(), 1u);
+  Trainer::clear_stop_request();
+  Trainer resumed(c, log);
+  const TrainOutcome second = resumed.run();
+  EXPECT_EQ(second.start_step, 3);
+  ASSERT_EQ(second.steps.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(first.steps[i].loss, a.steps[i].loss) << "step " << i + 1;
+    EXPECT_EQ(second.steps[i].loss, a.steps[i + 3].loss) << "step " << i + 4;
+    EXPECT_EQ(second.steps[i].grad_norm, a.steps[i + 3].grad_norm) << "step " << i + 4;
+  }
+  const std::vector<float> wa = weights_of(straight.model()), wb = weights_of(resumed.model());
+  ASSERT_EQ(wa.size(), wb.size());
+  EXPECT_EQ(std::memcmp(wa.data(), wb.data(), wa.size() * sizeof(float)), 0) << "parameters differ after resume";
+}
+
+TEST_F(TrainerTest, GradientAccumulationEqualsTheBiggerBatch) {
+  pack_captions(tmp / "data", 12, 256);
+  TrainConfig c = base_config(tmp / "data/packed", tmp / "big");
+  c.model.router_aux_loss_coef = 0.0;  // the aux loss of a pooled batch is not the mean of its halves' aux losses
+  c.train.steps = 3;
+  c.data.sequences_per_batch = 2;
+  Trainer big(c, log);
+  const TrainOutcome a = big.run();
+  c.output_dir = tmp / "accum";
+  c.data.sequences_per_batch = 1;
+  c.train.grad_accum = 2;
+  Trainer accum(c, log);
+  const TrainOutcome b = accum.run();
+  // Same sequences, same loss; only the fp32 summation order differs (two CE sums instead of one, gradients
+  // accumulated in two passes), so agreement to ~1e-6 relative is expected; 1e-5 leaves room for 3 steps.
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(a.steps[i].tokens, b.steps[i].tokens);
+    EXPECT_NEAR(a.steps[i].loss, b.steps[i].loss, 1e-5 * std::abs(a.steps[i].loss)) << "step " << i + 1;
+  }
+  const std::vector<float> wa = weights_of(big.model()), wb = weights_of(accum.model());
+  double diff = 0, norm = 0;
+  for (size_t i = 0; i < wa.size(); ++i) {
+    diff += (double(wa[i]) - wb[i]) * (double(wa[i]) - wb[i]);
+    norm += double(wa[i]) * wa[i];
+  }
+  EXPECT_LT(std::sqrt(diff / norm), 1e-5);
+}
+
+// A checkpoint to start from whose lm_head holds a NaN: every loss is NaN.
+std::string nan_model(const std::string& dir) {
+  Model m(io::load_model_config("tiny-moe"));
+  m.init_weights(3);
+  m.weights().at("lm_head.weight").data<float>()[5] = std::numeric_limits<float>::quiet_NaN();
+  io::save_hf_model(dir, m, DType::f32, 0);
+  return dir;
+}
+
+TEST_F(TrainerTest, NonFiniteLossStopsOrSkips) {
+  pack_captions(tmp / "data", 4, 256);
+  TrainConfig c = base_config(tmp / "data/packed", tmp / "run");
+  c.model.flavor.reset();
+  c.model.checkpoint = nan_model(tmp / "nan_model");
+  {
+    Trainer t(c, log);
+    test::expect_error([&] { t.run(); }, "step 1: loss is not finite");
+  }
+  c.train.skip_nonfinite = true;
+  c.output_dir = tmp / "run_skip";
+  Trainer t(c, log);
+  const TrainOutcome o = t.run();
+  ASSERT_EQ(o.steps.size(), 4u);
+  for (const StepRecord& r : o.steps) EXPECT_TRUE(r.skipped);
+}
+
+TEST_F(TrainerTest, BadInputsAreClearErrors) {
+  pack_captions(tmp / "data", 4, 256);
+  TrainConfig c = base_config(tmp / "data/packed", tmp / "run");
+
+  TrainConfig missing = c;
+  missing.data.dir = tmp / "nowhere";
+  test::expect_error([&] { Trainer t(missing, log); }, "nowhere");
+
+  TrainConfig unwritable = c;
+  test::write_all(tmp / "a_file", "x");
+  unwritable.output_dir = tmp / "a_file/run";
+  test::expect_error([&] { Trainer t(unwritable, log); }, "output_dir");
+
+  // Another tokenizer than the data was packed with.
+  fs::create_directories(tmp / "other_tok");
+  std::string tok = test::read_all(kTokenizerDir + "/tokenizer.json");
+  tok.back() = tok.back() == '}' ? ' ' : tok.back();
+  test::write_all(tmp / "other_tok/tokenizer.json", tok + "}");
+  TrainConfig other_tok = c;
+  other_tok.export_.tokenizer = tmp / "other_tok";
+  test::expect_error([&] { Trainer t(other_tok, log); }, "was packed with tokenizer");
+
+  // A checkpoint of another model config.
+  c.train.steps = 1;
+  { Trainer(c, log).run(); }
+  const std::string ckpt = io::latest_complete_checkpoint(tmp / "run/checkpoints")->path;
+  TrainConfig dense = c;
+  dense.model.flavor = "tiny-dense";
+  dense.checkpoint.resume = ckpt;
+  test::expect_error([&] { Trainer t(dense, log); }, "config");
+
+  // A truncated optimizer file in the checkpoint to resume.
+  TrainConfig resume = c;
+  resume.output_dir = tmp / "run2";
+  resume.checkpoint.resume = tmp / "broken";
+  fs::copy(ckpt, tmp / "broken", fs::copy_options::recursive);
+  const std::string opt = tmp / "broken/optimizer.safetensors";
+  fs::resize_file(opt, fs::file_size(opt) / 2);
+  test::expect_error([&] { Trainer t(resume, log); }, "optimizer.safetensors");
+
+  // Without its COMPLETE marker a checkpoint is not one.
+  fs::remove(tmp / "broken/COMPLETE");
+  test::expect_error([&] { Trainer t(resume, log); }, "broken");
+}
+
+TEST_F(TrainerTest, FullDiskDuringSaveKeepsThePreviousCheckpoint) {
+  pack_captions(tmp / "data", 4, 256);
+  TrainConfig c = base_config(tmp / "data/packed", tmp / "run");
+  c.train.steps = 2;
+  c.checkpoint.every = 1;
+  Trainer t(c, log);
+  // The callback runs between a step and its checkpoint: step 2's save meets the full disk.
+  t.set_step_callback([](const StepRecord& r) {
+    if (r.step == 2) io::set_write_fault_after_bytes(100000);
+  });
+  test::expect_error([&] { t.run(); }, "No space left on device");
+  io::set_write_fault_after_bytes(-1);
+  const auto complete = io::list_complete_checkpoints(tmp / "run/checkpoints");
+  ASSERT_EQ(complete.size(), 1u);
+  EXPECT_EQ(complete[0].step, 1);
+  // The surviving checkpoint still resumes.
+  TrainConfig again = c;
+  Trainer resumed(again, log);
+  const TrainOutcome o = resumed.run();
+  EXPECT_EQ(o.start_step, 1);
+  EXPECT_EQ(o.steps_done, 2);
+}
+
+TEST_F(TrainerTest, ExportsAnHfFolderThatLoadsBack) {
+  pack_captions(tmp / "data", 4, 256);
+  TrainConfig c = base_config(tmp / "data/packed", tmp / "run");
+  c.train.steps = 2;
+  c.export_.hf = true;
+  c.export_.dtype = "f32";
+  c.export_.tokenizer = kTokenizerDir;
+  Trainer t(c, log);
+  const TrainOutcome o = t.run();
+  ASSERT_EQ(o.export_dir, tmp / "run/hf");
+  EXPECT_TRUE(fs::exists(tmp / "run/hf/tokenizer.json"));
+  EXPECT_TRUE(fs::exists(tmp / "run/hf/tokenizer_config.json"));
+  const auto loaded = io::load_hf_model(tmp / "run/hf");
+  const std::vector<float> wa = weights_of(t.model()), wb = weights_of(*loaded);
+  ASSERT_EQ(wa.size(), wb.size());
+  EXPECT_EQ(std::memcmp(wa.data(), wb.data(), wa.size() * sizeof(float)), 0);
+}
+
+}  // namespace
+}  // namespace q3vl::app
