@@ -175,6 +175,33 @@ TEST_F(TrainerTest, GradientAccumulationEqualsTheBiggerBatch) {
   EXPECT_LT(std::sqrt(diff / norm), 1e-5);
 }
 
+TEST_F(TrainerTest, FrozenModulesAndZeroLearningRateStayPut) {
+  pack_captions(tmp / "data", 4, 256);
+  TrainConfig c = base_config(tmp / "data/packed", tmp / "run");
+  c.train.steps = 2;
+  c.optimizer.freeze = {"vision_tower"};
+  c.optimizer.lr_scale["mergers"] = 0.0;
+  Trainer t(c, log);
+  t.run();
+  Model init(io::load_model_config("tiny-moe"));
+  init.init_weights(c.model.init_seed);
+  int64_t unchanged_visual = 0, changed_text = 0;
+  for (size_t i = 0; i < init.weights().size(); ++i) {
+    const Tensor& a = init.weights().tensor(i);
+    const Tensor& b = t.model().weights().tensor(i);
+    const bool same = std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
+    const std::string module = param_module(init.weights().specs()[i].hf_key);
+    if (module == "language_model") {
+      changed_text += !same;
+    } else {
+      EXPECT_TRUE(same) << init.weights().specs()[i].hf_key << " (" << module << ") moved";
+      ++unchanged_visual;
+    }
+  }
+  EXPECT_GT(unchanged_visual, 10);
+  EXPECT_GT(changed_text, 10) << "the language model should have trained";
+}
+
 // A checkpoint to start from whose lm_head holds a NaN: every loss is NaN.
 std::string nan_model(const std::string& dir) {
   Model m(io::load_model_config("tiny-moe"));
