@@ -118,7 +118,16 @@ struct Trainer::Impl {
   std::ostream& out;
   std::unique_ptr<Model> model;
   std::unique_ptr<io::Loader> loader;
-  std::vector<OptimTensor> optim_tensors;
+  std::vector<OptimTensor> optim_tensors;  // every parameter, whole
+  // Optimizer sharding over the data-parallel ranks (ZeRO-1): each tensor of n elements is cut into `size`
+  // chunks of ceil(n / size); this rank's AdamW holds moments for its chunks only, steps them, and the updated
+  // chunks are all-gathered. One process: the chunk is the whole tensor.
+  struct ShardRange {
+    int64_t lo = 0, hi = 0, chunk = 0;  // this rank's elements [lo, hi) of a tensor, chunk = ceil(n / size)
+    int optim_index = -1;               // its entry in adamw (-1: empty chunk)
+  };
+  std::vector<ShardRange> ranges;      // per entry of optim_tensors
+  std::vector<float> staging;          // padded send/receive buffer of the collectives
   std::unique_ptr<AdamW> adamw;
   LrSchedule schedule;
   FlopModel flops;
@@ -128,6 +137,7 @@ struct Trainer::Impl {
   int64_t step = 0;           // optimizer steps done
   int64_t tokens_seen = 0;    // tokens consumed over the whole run (resumes included)
   int64_t skipped_steps = 0;
+  bool resumed = false;  // metrics.jsonl continues (else a fresh run starts it anew)
   double ema_step_seconds = 0;
   std::function<void(const StepRecord&)> step_callback;
   std::unique_ptr<Watchdog> watchdog;
@@ -149,6 +159,13 @@ struct Trainer::Impl {
         out(root ? o : null_out) {}
 
   void reduce_expert_stats(std::vector<MoeStats>& layers);
+  // The AdamW moments as whole tensors shaped like their parameters, under the names a checkpoint stores them
+  // ("<key>.exp_avg", "<key>.exp_avg_sq"), in `storage` (gathered from every rank's chunks when `gather`).
+  std::vector<io::NamedTensor> full_moments(std::vector<float>& storage, bool gather);
+  // Copies this rank's chunks out of full moments read from a checkpoint.
+  void scatter_moments(const std::vector<io::NamedTensor>& full);
+  // All-gathers `data` [n] from the ranks' chunks (each rank's own chunk must be current in `data`).
+  void gather_chunks(float* data, const ShardRange& r, int64_t n);
   // One metrics.jsonl record (rank 0).
   void emit(const json& record) {
     if (root) metrics << record.dump() << "\n" << std::flush;
@@ -240,7 +257,27 @@ void Trainer::Impl::build() {
   ao.beta2 = cfg.optimizer.beta2;
   ao.eps = cfg.optimizer.eps;
   ao.weight_decay = cfg.optimizer.weight_decay;
-  adamw = std::make_unique<AdamW>(optim_tensors, ao);
+  std::vector<OptimTensor> shard_tensors;
+  const int64_t ranks = comm.size(), me = comm.rank();
+  size_t staging_size = 0;
+  for (const OptimTensor& t : optim_tensors) {
+    const int64_t n = t.param.numel(), chunk = (n + ranks - 1) / ranks;
+    ShardRange r;
+    r.chunk = chunk;
+    r.lo = std::min(n, me * chunk);
+    r.hi = std::min(n, r.lo + chunk);
+    if (r.hi > r.lo) {
+      OptimTensor st = t;
+      st.param = Tensor(t.param.data<float>() + r.lo, DType::f32, {r.hi - r.lo});
+      st.grad = Tensor(t.grad.data<float>() + r.lo, DType::f32, {r.hi - r.lo});
+      r.optim_index = static_cast<int>(shard_tensors.size());
+      shard_tensors.push_back(st);
+    }
+    ranges.push_back(r);
+    staging_size = std::max(staging_size, static_cast<size_t>(chunk * (ranks + 1)));
+  }
+  if (ranks > 1) staging.resize(staging_size);
+  adamw = std::make_unique<AdamW>(shard_tensors, ao);
   schedule.lr = cfg.optimizer.lr;
   schedule.min_lr = cfg.optimizer.min_lr;
   schedule.warmup_steps = cfg.optimizer.warmup_steps;
@@ -269,19 +306,48 @@ std::string Trainer::Impl::trainer_state_json() const {
   return j.dump(2);
 }
 
-namespace {
-
-// The AdamW moments under the names a checkpoint stores them.
-std::vector<io::NamedTensor> optimizer_state_tensors(const AdamW& adamw) {
-  std::vector<io::NamedTensor> v;
-  for (size_t i = 0; i < adamw.size(); ++i) {
-    v.push_back({adamw.tensor(i).name + ".exp_avg", adamw.exp_avg(i)});
-    v.push_back({adamw.tensor(i).name + ".exp_avg_sq", adamw.exp_avg_sq(i)});
+std::vector<io::NamedTensor> Trainer::Impl::full_moments(std::vector<float>& storage, bool gather) {
+  int64_t total = 0;
+  for (const OptimTensor& t : optim_tensors) total += 2 * t.param.numel();
+  storage.assign(static_cast<size_t>(total), 0.0f);
+  std::vector<io::NamedTensor> out;
+  float* p = storage.data();
+  for (size_t i = 0; i < optim_tensors.size(); ++i) {
+    const OptimTensor& t = optim_tensors[i];
+    const int64_t n = t.param.numel();
+    const ShardRange& r = ranges[i];
+    for (int which = 0; which < 2; ++which) {
+      if (gather && r.optim_index >= 0) {
+        const Tensor& m = which == 0 ? adamw->exp_avg(r.optim_index) : adamw->exp_avg_sq(r.optim_index);
+        std::copy_n(m.data<float>(), r.hi - r.lo, p + r.lo);
+      }
+      if (gather) gather_chunks(p, r, n);
+      out.push_back({t.name + (which == 0 ? ".exp_avg" : ".exp_avg_sq"), Tensor(p, DType::f32, t.param.shape())});
+      p += n;
+    }
   }
-  return v;
+  return out;
 }
 
-}  // namespace
+void Trainer::Impl::scatter_moments(const std::vector<io::NamedTensor>& full) {
+  for (size_t i = 0; i < optim_tensors.size(); ++i) {
+    const ShardRange& r = ranges[i];
+    if (r.optim_index < 0) continue;
+    std::copy_n(full[2 * i].tensor.data<float>() + r.lo, r.hi - r.lo, adamw->exp_avg(r.optim_index).data<float>());
+    std::copy_n(full[2 * i + 1].tensor.data<float>() + r.lo, r.hi - r.lo,
+                adamw->exp_avg_sq(r.optim_index).data<float>());
+  }
+}
+
+void Trainer::Impl::gather_chunks(float* data, const ShardRange& r, int64_t n) {
+  if (comm.size() == 1) return;
+  const size_t chunk = static_cast<size_t>(r.chunk), ranks = static_cast<size_t>(comm.size());
+  float* send = staging.data() + chunk * ranks;  // the last chunk of the staging buffer
+  std::fill_n(send, chunk, 0.0f);
+  std::copy_n(data + r.lo, r.hi - r.lo, send);
+  comm.all_gather(std::span<const float>(send, chunk), std::span<float>(staging.data(), chunk * ranks));
+  std::copy_n(staging.data(), n, data);
+}
 
 void Trainer::Impl::resume_if_asked() {
   const std::string& r = cfg.checkpoint.resume;
@@ -295,8 +361,11 @@ void Trainer::Impl::resume_if_asked() {
     dir = r;
   }
   Model& m = *model;
+  std::vector<float> moment_storage;
+  const std::vector<io::NamedTensor> moments = full_moments(moment_storage, false);
   const io::TrainCheckpointRead read = io::load_train_checkpoint(
-      dir, m.config(), [&](const std::string& key) { return m.weights().at(key); }, optimizer_state_tensors(*adamw));
+      dir, m.config(), [&](const std::string& key) { return m.weights().at(key); }, moments);
+  scatter_moments(moments);
   json s;
   try {
     s = json::parse(read.trainer_state_json);
@@ -314,6 +383,7 @@ void Trainer::Impl::resume_if_asked() {
   } catch (const json::exception& e) {
     Q3VL_FAIL("checkpoint '", dir, "': trainer_state.json: ", e.what());
   }
+  resumed = true;
   out << "resumed from " << dir << " at step " << step << "\n";
 }
 
@@ -321,13 +391,15 @@ std::string Trainer::Impl::save_checkpoint() {
   // Every rank holds the same state: rank 0 writes, the others wait so nobody runs ahead of a failed save.
   std::string dir;
   beat("checkpoint of step " + std::to_string(step));
+  std::vector<float> moment_storage;
+  const std::vector<io::NamedTensor> moments = full_moments(moment_storage, true);
   if (root) {
     io::TrainCheckpointWrite w;
     w.step = step;
     w.model_config = &model->config();
     Model& m = *model;
     w.weights = [&](const std::string& key) { return m.weights().at(key); };
-    w.optimizer = optimizer_state_tensors(*adamw);
+    w.optimizer = moments;
     w.trainer_state_json = trainer_state_json();
     w.config_yaml = config_yaml;
     const auto t0 = std::chrono::steady_clock::now();
@@ -408,7 +480,13 @@ StepRecord Trainer::Impl::train_step() {
   beat("step " + std::to_string(step + 1) + ": optimizer");
   const double coef = model->config().num_moe_layers() > 0 ? model->config().text.router_aux_loss_coef : 0.0;
   rec.loss = rec.ce_loss + coef * rec.aux_loss;
-  rec.grad_norm = std::sqrt(gradient_sum_of_squares(optim_tensors));
+  {
+    std::vector<OptimTensor> mine;
+    for (size_t i = 0; i < adamw->size(); ++i) mine.push_back(adamw->tensor(i));
+    double sum_sq = gradient_sum_of_squares(mine);
+    comm.all_reduce_sum(std::span<double>(&sum_sq, 1));
+    rec.grad_norm = std::sqrt(sum_sq);
+  }
   ++step;
   rec.step = step;
   if (!finite || !std::isfinite(rec.grad_norm)) {
@@ -422,6 +500,10 @@ StepRecord Trainer::Impl::train_step() {
     ++skipped_steps;
   } else {
     adamw->step(rec.lr, clip_coefficient(rec.grad_norm, cfg.optimizer.grad_clip));
+    beat("step " + std::to_string(step) + ": parameter all-gather");
+    for (size_t i = 0; i < optim_tensors.size(); ++i) {
+      if (!optim_tensors[i].frozen) gather_chunks(optim_tensors[i].param.data<float>(), ranges[i], optim_tensors[i].param.numel());
+    }
   }
   tokens_seen += rec.tokens;
   rec.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -508,9 +590,19 @@ void Trainer::Impl::reduce_expert_stats(std::vector<MoeStats>& layers) {
 
 void Trainer::Impl::reduce_gradients() {
   if (comm.size() == 1) return;
-  for (const OptimTensor& t : optim_tensors) {
+  const size_t ranks = static_cast<size_t>(comm.size());
+  for (size_t i = 0; i < optim_tensors.size(); ++i) {
+    const OptimTensor& t = optim_tensors[i];
     if (t.frozen) continue;
-    comm.all_reduce_sum(std::span<float>(t.grad.data<float>(), static_cast<size_t>(t.grad.numel())));
+    const ShardRange& r = ranges[i];
+    const size_t chunk = static_cast<size_t>(r.chunk), n = static_cast<size_t>(t.grad.numel());
+    // Padded to ranks x chunk; rank q receives the sum of chunk q, which is all its optimizer reads.
+    float* send = staging.data();
+    std::copy_n(t.grad.data<float>(), n, send);
+    std::fill(send + n, send + chunk * ranks, 0.0f);
+    float* recv = staging.data() + chunk * ranks;
+    comm.reduce_scatter_sum(std::span<const float>(send, chunk * ranks), std::span<float>(recv, chunk));
+    std::copy_n(recv, r.hi - r.lo, t.grad.data<float>() + r.lo);
   }
 }
 
@@ -519,7 +611,7 @@ Trainer::Trainer(const TrainConfig& config, std::ostream& out, parallel::Comm* c
   impl_->build();
   impl_->resume_if_asked();
   if (impl_->root) {
-    impl_->metrics.open(impl_->metrics_path, std::ios::app);
+    impl_->metrics.open(impl_->metrics_path, impl_->resumed ? std::ios::app : std::ios::trunc);
     Q3VL_CHECK(impl_->metrics.good(), "output_dir: cannot open '", impl_->metrics_path, "' for writing");
   }
 }

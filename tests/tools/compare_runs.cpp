@@ -1,5 +1,6 @@
 // q3vl_compare_runs RUN_A RUN_B --rtol X: the distributed-equivalence check of CTest. Two `q3vl train` output
-// folders must have the same steps with losses equal within X relative (metrics.jsonl) and, in their newest
+// folders: every step B logged (a resumed run logs only its own) must be a step of A with a loss equal within X
+// relative (metrics.jsonl) and, in their newest
 // complete checkpoints, all parameters together within X relative L2 (||a - b|| / ||a||). Each tensor alone must
 // be within 10 X: AdamW's update m / sqrt(v) does not depend on the gradient's scale, so for a tensor whose
 // gradient is almost zero (the LayerNorm biases of the mergers start at 0 and barely move) the fp32 summation
@@ -9,6 +10,7 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -21,14 +23,14 @@ namespace {
 
 using q3vl::Tensor;
 
-std::vector<double> step_losses(const std::string& run) {
+std::map<int64_t, double> step_losses(const std::string& run) {
   std::ifstream in(run + "/metrics.jsonl");
   Q3VL_CHECK(in.good(), "compare_runs: cannot read ", run, "/metrics.jsonl");
-  std::vector<double> losses;
+  std::map<int64_t, double> losses;
   std::string line;
   while (std::getline(in, line)) {
     const nlohmann::json j = nlohmann::json::parse(line);
-    if (j.at("event") == "step") losses.push_back(j.at("loss").get<double>());
+    if (j.at("event") == "step") losses[j.at("step").get<int64_t>()] = j.at("loss").get<double>();
   }
   return losses;
 }
@@ -42,12 +44,16 @@ int main(int argc, char** argv) {
     const double rtol = std::stod(argv[4]);
     bool ok = true;
 
-    const std::vector<double> la = step_losses(a), lb = step_losses(b);
-    Q3VL_CHECK(!la.empty() && la.size() == lb.size(), "compare_runs: ", a, " has ", la.size(), " steps, ", b, " has ",
-               lb.size());
+    // B's steps (all of them: a resumed run logs only the steps it ran) must be steps of A.
+    const std::map<int64_t, double> la = step_losses(a), lb = step_losses(b);
+    Q3VL_CHECK(!lb.empty(), "compare_runs: ", b, " logged no steps");
     double worst_loss = 0;
-    for (size_t i = 0; i < la.size(); ++i) worst_loss = std::max(worst_loss, std::abs(la[i] - lb[i]) / std::abs(la[i]));
-    std::printf("losses over %zu steps: worst relative difference %.3g (bound %.3g)\n", la.size(), worst_loss, rtol);
+    for (const auto& [step, loss] : lb) {
+      Q3VL_CHECK(la.count(step) == 1, "compare_runs: step ", step, " of ", b, " is not in ", a);
+      worst_loss = std::max(worst_loss, std::abs(la.at(step) - loss) / std::abs(la.at(step)));
+    }
+    std::printf("losses of steps %lld..%lld: worst relative difference %.3g (bound %.3g)\n",
+                static_cast<long long>(lb.begin()->first), static_cast<long long>(lb.rbegin()->first), worst_loss, rtol);
     ok = ok && worst_loss <= rtol;
 
     const auto ca = q3vl::io::latest_complete_checkpoint(a + "/checkpoints");
