@@ -8,8 +8,9 @@
 #include <algorithm>
 #include <chrono>
 #include <climits>
+#include <cstdio>
 #include <cstdlib>
-#include <iostream>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -203,7 +204,10 @@ void abort_all(const std::string& reason) {
   const bool running = initialised && !finalised;
   int rank = 0;
   if (running) MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  std::cerr << "rank " << rank << ": " << reason << std::endl;
+  // One write, so that the line reaches mpirun whole rather than interleaved with other ranks' output.
+  const std::string line = "rank " + std::to_string(rank) + ": " + reason + "\n";
+  std::fwrite(line.data(), 1, line.size(), stderr);
+  std::fflush(stderr);
   if (running) MPI_Abort(MPI_COMM_WORLD, 1);
   std::_Exit(1);
 }
