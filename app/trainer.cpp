@@ -127,6 +127,7 @@ struct Trainer::Impl {
     int optim_index = -1;               // its entry in adamw (-1: empty chunk)
   };
   std::vector<ShardRange> ranges;      // per entry of optim_tensors
+  std::vector<OptimTensor> shard_tensors;  // this rank's chunks (what adamw steps and the norm sums)
   std::vector<float> staging;          // padded send/receive buffer of the collectives
   std::unique_ptr<AdamW> adamw;
   LrSchedule schedule;
@@ -257,7 +258,6 @@ void Trainer::Impl::build() {
   ao.beta2 = cfg.optimizer.beta2;
   ao.eps = cfg.optimizer.eps;
   ao.weight_decay = cfg.optimizer.weight_decay;
-  std::vector<OptimTensor> shard_tensors;
   const int64_t ranks = comm.size(), me = comm.rank();
   size_t staging_size = 0;
   for (const OptimTensor& t : optim_tensors) {
@@ -481,9 +481,7 @@ StepRecord Trainer::Impl::train_step() {
   const double coef = model->config().num_moe_layers() > 0 ? model->config().text.router_aux_loss_coef : 0.0;
   rec.loss = rec.ce_loss + coef * rec.aux_loss;
   {
-    std::vector<OptimTensor> mine;
-    for (size_t i = 0; i < adamw->size(); ++i) mine.push_back(adamw->tensor(i));
-    double sum_sq = gradient_sum_of_squares(mine);
+    double sum_sq = gradient_sum_of_squares(shard_tensors);
     comm.all_reduce_sum(std::span<double>(&sum_sq, 1));
     rec.grad_norm = std::sqrt(sum_sq);
   }
