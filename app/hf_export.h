@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -15,6 +16,8 @@ struct HfExportOptions {
   DType dtype = DType::bf16;                   // f32, bf16 or f16 on disk
   uint64_t max_shard_bytes = uint64_t{4} << 30;  // 0: one file
   std::string tokenizer_dir;                   // folder whose tokenizer files are copied (empty: none)
+  // Runs just before each tensor is written (a sharded model gathers it into the weight store then).
+  std::function<void(const std::string& key)> before_write;
 };
 
 // The tokenizer/processor files copied from a tokenizer folder when present.

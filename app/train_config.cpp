@@ -94,10 +94,10 @@ std::vector<Field> fields_of(TrainConfig& c) {
       {"export.dtype", &c.export_.dtype, "f32 | bf16 | f16"},
       {"export.shard_mb", &c.export_.shard_mb, "safetensors shard size in MiB"},
       {"export.tokenizer", &c.export_.tokenizer, "folder whose tokenizer files go into the export", Resolve::path},
-      {"parallel.dp", &c.parallel.dp, "data-parallel replicas"},
-      {"parallel.fsdp", &c.parallel.fsdp, "data-parallel shard group size (FSDP)"},
+      {"parallel.dp", &c.parallel.dp, "data-parallel replicas (each holds the same shards)"},
+      {"parallel.fsdp", &c.parallel.fsdp, "FSDP shard degree (with ep: parameters sharded over fsdp x ep ranks, experts over fsdp)"},
       {"parallel.tp", &c.parallel.tp, "tensor-parallel degree"},
-      {"parallel.ep", &c.parallel.ep, "expert-parallel degree (inside fsdp x tp)"},
+      {"parallel.ep", &c.parallel.ep, "expert-parallel degree (experts split over ep ranks; world = dp x fsdp x ep x tp)"},
       {"parallel.step_timeout_s", &c.parallel.step_timeout_s, "no progress this long ends the job; 0: off"},
       {"output_dir", &c.output_dir, "checkpoints, metrics and the export", Resolve::path},
   };
@@ -467,8 +467,6 @@ void check_values(const TrainConfig& c, const std::function<std::string(const st
     at_least(key, degree, 1);
   }
   at_least("parallel.step_timeout_s", p.step_timeout_s, 0);
-  fail_unless((p.fsdp * p.tp) % p.ep == 0, "parallel.ep",
-              "must divide parallel.fsdp x parallel.tp (" + std::to_string(p.fsdp * p.tp) + "), got " + std::to_string(p.ep));
 
   fail_unless(!c.output_dir.empty(), "output_dir", "must not be empty");
 }

@@ -144,7 +144,7 @@ struct ExportSection {
 struct ParallelSection {
   int dp = 1, fsdp = 1, tp = 1, ep = 1;
   double step_timeout_s = 1800;  // multi-rank runs: end the job when a step makes no progress this long; 0: off
-  int world() const { return dp * fsdp * tp; }
+  int world() const { return dp * fsdp * ep * tp; }
   bool operator==(const ParallelSection&) const = default;
 };
 

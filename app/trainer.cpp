@@ -25,9 +25,13 @@
 #include "io/loader.h"
 #include "io/model_io.h"
 #include "io/shard_format.h"
+#include "io/sharded_checkpoint.h"
 #include "io/train_checkpoint.h"
 #include "parallel/comm.h"
+#include "parallel/expert_exchange.h"
+#include "parallel/process_grid.h"
 #include "parallel/self_comm.h"
+#include "parallel/sharded_params.h"
 
 namespace q3vl::app {
 
@@ -116,7 +120,12 @@ struct Trainer::Impl {
   NullBuffer null_buffer;
   std::ostream null_out{&null_buffer};
   std::ostream& out;
+  std::unique_ptr<parallel::ProcessGrid> grid;
   std::unique_ptr<Model> model;
+  // FSDP / expert parallelism (parallel.fsdp x parallel.ep > 1): the model's parameters live sharded here and
+  // AdamW steps this rank's pieces; otherwise every rank holds the whole model (ZeRO-1 below).
+  std::unique_ptr<parallel::ShardedParams> sharded;
+  std::unique_ptr<ExpertExchange> expert_exchange;
   std::unique_ptr<io::Loader> loader;
   std::vector<OptimTensor> optim_tensors;  // every parameter, whole
   // Optimizer sharding over the data-parallel ranks (ZeRO-1): each tensor of n elements is cut into `size`
@@ -161,10 +170,8 @@ struct Trainer::Impl {
 
   void reduce_expert_stats(std::vector<MoeStats>& layers);
   // The AdamW moments as whole tensors shaped like their parameters, under the names a checkpoint stores them
-  // ("<key>.exp_avg", "<key>.exp_avg_sq"), in `storage` (gathered from every rank's chunks when `gather`).
-  std::vector<io::NamedTensor> full_moments(std::vector<float>& storage, bool gather);
-  // Copies this rank's chunks out of full moments read from a checkpoint.
-  void scatter_moments(const std::vector<io::NamedTensor>& full);
+  // ("<key>.exp_avg", "<key>.exp_avg_sq"), in `storage`, gathered from every rank's chunks.
+  std::vector<io::NamedTensor> full_moments(std::vector<float>& storage);
   // All-gathers `data` [n] from the ranks' chunks (each rank's own chunk must be current in `data`).
   void gather_chunks(float* data, const ShardRange& r, int64_t n);
   // One metrics.jsonl record (rank 0).
@@ -172,6 +179,12 @@ struct Trainer::Impl {
     if (root) metrics << record.dump() << "\n" << std::flush;
   }
   void reduce_gradients();
+  void build_model();
+  void build_optimizer(const AdamWOptions& options);
+  void load_checkpoint(const std::string& dir, std::string& trainer_state);
+  std::string save_sharded_checkpoint();
+  void log_memory();
+  void export_sharded(const std::string& dir, HfExportOptions options);
 
   void build();
   void resume_if_asked();
@@ -185,34 +198,14 @@ struct Trainer::Impl {
 void Trainer::Impl::build() {
   cfg.validate();
   const ParallelSection& par = cfg.parallel;
-  Q3VL_CHECK(par.world() == comm.size(), "parallel: dp x fsdp x tp = ", par.dp, " x ", par.fsdp, " x ", par.tp, " = ",
-             par.world(), " ranks, but the job has ", comm.size(), " (mpirun -n / srun --ntasks)");
-  Q3VL_CHECK(par.fsdp == 1, "parallel.fsdp: parameter sharding is not implemented yet (issue 6); use parallel.dp ",
-             "for data parallelism");
   Q3VL_CHECK(par.tp == 1, "parallel.tp: tensor parallelism is not implemented yet (issue 6); use tp: 1");
-  Q3VL_CHECK(par.ep == 1, "parallel.ep: expert parallelism is not implemented yet (issue 6); use ep: 1");
+  grid = std::make_unique<parallel::ProcessGrid>(comm, parallel::GridShape{par.dp, par.fsdp, par.ep, par.tp});
   // Output folder first: nothing is computed for a run that cannot write its results.
   if (root) require_writable_dir(cfg.output_dir, "output_dir");
   comm.barrier();
   checkpoint_root = (fs::path(cfg.output_dir) / "checkpoints").string();
   metrics_path = (fs::path(cfg.output_dir) / "metrics.jsonl").string();
-
-  // Model.
-  if (cfg.model.checkpoint) {
-    model = io::load_hf_model(*cfg.model.checkpoint);
-    if (cfg.model.router_aux_loss_coef) {
-      ModelConfig mc = model->config();
-      mc.text.router_aux_loss_coef = *cfg.model.router_aux_loss_coef;
-      auto replaced = std::make_unique<Model>(mc);
-      for (size_t i = 0; i < replaced->weights().size(); ++i) copy(replaced->weights().tensor(i), model->weights().tensor(i));
-      model = std::move(replaced);
-    }
-  } else {
-    ModelConfig mc = io::load_model_config(cfg.model.flavor ? *cfg.model.flavor : *cfg.model.config);
-    if (cfg.model.router_aux_loss_coef) mc.text.router_aux_loss_coef = *cfg.model.router_aux_loss_coef;
-    model = std::make_unique<Model>(mc);
-    model->init_weights(cfg.model.init_seed);
-  }
+  build_model();
   const ModelConfig& mc = model->config();
   flops = flop_model(mc);
 
@@ -238,26 +231,92 @@ void Trainer::Impl::build() {
                manifest.tokenizer_hash, " but '", t, "' has hash ", hash, " (pack the data with this tokenizer)");
   }
 
-  // Optimizer: one entry per parameter, in model_param_specs order.
-  std::vector<std::string> frozen = cfg.optimizer.freeze;
-  for (size_t i = 0; i < model->weights().size(); ++i) {
-    const ParamSpec& spec = model->weights().specs()[i];
-    OptimTensor t;
-    t.name = spec.hf_key;
-    t.param = model->weights().tensor(i);
-    t.grad = model->grads().tensor(i);
-    const std::string kind(param_kind_name(spec.kind));
-    t.decay = std::find(cfg.optimizer.no_decay.begin(), cfg.optimizer.no_decay.end(), kind) == cfg.optimizer.no_decay.end();
-    const std::string module = param_module(spec.hf_key);
-    t.lr_scale = cfg.optimizer.lr_scale.at(module);
-    t.frozen = std::find(frozen.begin(), frozen.end(), module) != frozen.end();
-    optim_tensors.push_back(t);
-  }
   AdamWOptions ao;
   ao.beta1 = cfg.optimizer.beta1;
   ao.beta2 = cfg.optimizer.beta2;
   ao.eps = cfg.optimizer.eps;
   ao.weight_decay = cfg.optimizer.weight_decay;
+  build_optimizer(ao);
+  schedule.lr = cfg.optimizer.lr;
+  schedule.min_lr = cfg.optimizer.min_lr;
+  schedule.warmup_steps = cfg.optimizer.warmup_steps;
+  schedule.total_steps = cfg.train.steps;
+  schedule.decay = parse_lr_decay(cfg.optimizer.decay);
+  schedule.validate();
+  expert_counts.assign(mc.num_moe_layers(), std::vector<int64_t>(std::max(mc.text.num_experts, 0), 0));
+
+  config_yaml = cfg.to_yaml();
+  if (root) {
+    std::ofstream f(fs::path(cfg.output_dir) / "config.yaml");
+    f << config_yaml;
+    Q3VL_CHECK(f.flush(), "output_dir: cannot write '", (fs::path(cfg.output_dir) / "config.yaml").string(), "'");
+  }
+}
+
+void Trainer::Impl::build_model() {
+  std::unique_ptr<Model> loaded;  // an HF checkpoint, whole
+  ModelConfig mc;
+  if (cfg.model.checkpoint) {
+    loaded = io::load_hf_model(*cfg.model.checkpoint);
+    mc = loaded->config();
+  } else {
+    mc = io::load_model_config(cfg.model.flavor ? *cfg.model.flavor : *cfg.model.config);
+  }
+  if (cfg.model.router_aux_loss_coef) mc.text.router_aux_loss_coef = *cfg.model.router_aux_loss_coef;
+  if (cfg.parallel.fsdp * cfg.parallel.ep == 1) {
+    if (loaded && !cfg.model.router_aux_loss_coef) {
+      model = std::move(loaded);
+      return;
+    }
+    model = std::make_unique<Model>(mc);
+    if (loaded) {
+      for (size_t i = 0; i < model->weights().size(); ++i) copy(model->weights().tensor(i), loaded->weights().tensor(i));
+    } else {
+      model->init_weights(cfg.model.init_seed);
+    }
+    return;
+  }
+  model = std::make_unique<Model>(mc);
+  sharded = std::make_unique<parallel::ShardedParams>(*model, *grid);
+  if (loaded) {
+    sharded->load([&](size_t spec, int64_t offset, int64_t numel, float* dst) {
+      std::copy_n(loaded->weights().tensor(spec).data<float>() + offset, numel, dst);
+    });
+  } else {
+    sharded->init(cfg.model.init_seed, mc.text.initializer_range);
+  }
+  model->set_param_hooks(sharded.get());
+  if (cfg.parallel.ep > 1) {
+    expert_exchange = std::make_unique<parallel::CommExpertExchange>(grid->expert());
+    model->set_expert_exchange(expert_exchange.get());
+  }
+}
+
+void Trainer::Impl::build_optimizer(const AdamWOptions& ao) {
+  const std::vector<std::string>& frozen = cfg.optimizer.freeze;
+  const auto entry = [&](size_t i, const Tensor& param, const Tensor& grad) {
+    const ParamSpec& spec = model->weights().specs()[i];
+    OptimTensor t;
+    t.name = spec.hf_key;
+    t.param = param;
+    t.grad = grad;
+    const std::string kind(param_kind_name(spec.kind));
+    t.decay = std::find(cfg.optimizer.no_decay.begin(), cfg.optimizer.no_decay.end(), kind) == cfg.optimizer.no_decay.end();
+    const std::string module = param_module(spec.hf_key);
+    t.lr_scale = cfg.optimizer.lr_scale.at(module);
+    t.frozen = std::find(frozen.begin(), frozen.end(), module) != frozen.end();
+    return t;
+  };
+  if (sharded) {
+    // FSDP: AdamW steps exactly this rank's pieces of the shards.
+    for (const parallel::ShardedParams::Piece& p : sharded->pieces())
+      shard_tensors.push_back(entry(p.spec, Tensor(p.param, DType::f32, {p.numel}), Tensor(p.grad, DType::f32, {p.numel})));
+    adamw = std::make_unique<AdamW>(shard_tensors, ao);
+    return;
+  }
+  // Whole model on every rank: one entry per parameter, in model_param_specs order.
+  for (size_t i = 0; i < model->weights().size(); ++i)
+    optim_tensors.push_back(entry(i, model->weights().tensor(i), model->grads().tensor(i)));
   const int64_t ranks = comm.size(), me = comm.rank();
   size_t staging_size = 0;
   for (const OptimTensor& t : optim_tensors) {
@@ -278,20 +337,6 @@ void Trainer::Impl::build() {
   }
   if (ranks > 1) staging.resize(staging_size);
   adamw = std::make_unique<AdamW>(shard_tensors, ao);
-  schedule.lr = cfg.optimizer.lr;
-  schedule.min_lr = cfg.optimizer.min_lr;
-  schedule.warmup_steps = cfg.optimizer.warmup_steps;
-  schedule.total_steps = cfg.train.steps;
-  schedule.decay = parse_lr_decay(cfg.optimizer.decay);
-  schedule.validate();
-  expert_counts.assign(mc.num_moe_layers(), std::vector<int64_t>(std::max(mc.text.num_experts, 0), 0));
-
-  config_yaml = cfg.to_yaml();
-  if (root) {
-    std::ofstream f(fs::path(cfg.output_dir) / "config.yaml");
-    f << config_yaml;
-    Q3VL_CHECK(f.flush(), "output_dir: cannot write '", (fs::path(cfg.output_dir) / "config.yaml").string(), "'");
-  }
 }
 
 std::string Trainer::Impl::trainer_state_json() const {
@@ -306,7 +351,7 @@ std::string Trainer::Impl::trainer_state_json() const {
   return j.dump(2);
 }
 
-std::vector<io::NamedTensor> Trainer::Impl::full_moments(std::vector<float>& storage, bool gather) {
+std::vector<io::NamedTensor> Trainer::Impl::full_moments(std::vector<float>& storage) {
   int64_t total = 0;
   for (const OptimTensor& t : optim_tensors) total += 2 * t.param.numel();
   storage.assign(static_cast<size_t>(total), 0.0f);
@@ -317,26 +362,16 @@ std::vector<io::NamedTensor> Trainer::Impl::full_moments(std::vector<float>& sto
     const int64_t n = t.param.numel();
     const ShardRange& r = ranges[i];
     for (int which = 0; which < 2; ++which) {
-      if (gather && r.optim_index >= 0) {
+      if (r.optim_index >= 0) {
         const Tensor& m = which == 0 ? adamw->exp_avg(r.optim_index) : adamw->exp_avg_sq(r.optim_index);
         std::copy_n(m.data<float>(), r.hi - r.lo, p + r.lo);
       }
-      if (gather) gather_chunks(p, r, n);
+      gather_chunks(p, r, n);
       out.push_back({t.name + (which == 0 ? ".exp_avg" : ".exp_avg_sq"), Tensor(p, DType::f32, t.param.shape())});
       p += n;
     }
   }
   return out;
-}
-
-void Trainer::Impl::scatter_moments(const std::vector<io::NamedTensor>& full) {
-  for (size_t i = 0; i < optim_tensors.size(); ++i) {
-    const ShardRange& r = ranges[i];
-    if (r.optim_index < 0) continue;
-    std::copy_n(full[2 * i].tensor.data<float>() + r.lo, r.hi - r.lo, adamw->exp_avg(r.optim_index).data<float>());
-    std::copy_n(full[2 * i + 1].tensor.data<float>() + r.lo, r.hi - r.lo,
-                adamw->exp_avg_sq(r.optim_index).data<float>());
-  }
 }
 
 void Trainer::Impl::gather_chunks(float* data, const ShardRange& r, int64_t n) {
@@ -347,6 +382,33 @@ void Trainer::Impl::gather_chunks(float* data, const ShardRange& r, int64_t n) {
   std::copy_n(data + r.lo, r.hi - r.lo, send);
   comm.all_gather(std::span<const float>(send, chunk), std::span<float>(staging.data(), chunk * ranks));
   std::copy_n(staging.data(), n, data);
+}
+
+void Trainer::Impl::load_checkpoint(const std::string& dir, std::string& trainer_state) {
+  // Any layout's checkpoint (whole tensors or per-rank shards) is read by element ranges into this layout.
+  const io::CheckpointReader reader(dir, model->config());
+  using Field = io::CheckpointReader::Field;
+  const std::vector<ParamSpec>& specs = model->weights().specs();
+  if (sharded) {
+    const auto& pieces = sharded->pieces();
+    for (size_t i = 0; i < pieces.size(); ++i) {
+      const parallel::ShardedParams::Piece& p = pieces[i];
+      const std::string& key = specs[p.spec].hf_key;
+      reader.read(key, Field::param, p.offset, p.numel, p.param);
+      reader.read(key, Field::exp_avg, p.offset, p.numel, adamw->exp_avg(i).data<float>());
+      reader.read(key, Field::exp_avg_sq, p.offset, p.numel, adamw->exp_avg_sq(i).data<float>());
+    }
+  } else {
+    for (size_t i = 0; i < optim_tensors.size(); ++i) {
+      const Tensor& w = model->weights().tensor(i);
+      reader.read(specs[i].hf_key, Field::param, 0, w.numel(), w.data<float>());
+      const ShardRange& r = ranges[i];
+      if (r.optim_index < 0) continue;
+      reader.read(specs[i].hf_key, Field::exp_avg, r.lo, r.hi - r.lo, adamw->exp_avg(r.optim_index).data<float>());
+      reader.read(specs[i].hf_key, Field::exp_avg_sq, r.lo, r.hi - r.lo, adamw->exp_avg_sq(r.optim_index).data<float>());
+    }
+  }
+  trainer_state = reader.trainer_state_json();
 }
 
 void Trainer::Impl::resume_if_asked() {
@@ -360,15 +422,11 @@ void Trainer::Impl::resume_if_asked() {
   } else {
     dir = r;
   }
-  Model& m = *model;
-  std::vector<float> moment_storage;
-  const std::vector<io::NamedTensor> moments = full_moments(moment_storage, false);
-  const io::TrainCheckpointRead read = io::load_train_checkpoint(
-      dir, m.config(), [&](const std::string& key) { return m.weights().at(key); }, moments);
-  scatter_moments(moments);
+  std::string state_text;
+  load_checkpoint(dir, state_text);
   json s;
   try {
-    s = json::parse(read.trainer_state_json);
+    s = json::parse(state_text);
   } catch (const json::exception& e) {
     Q3VL_FAIL("checkpoint '", dir, "': trainer_state.json is not valid JSON: ", e.what());
   }
@@ -388,11 +446,12 @@ void Trainer::Impl::resume_if_asked() {
 }
 
 std::string Trainer::Impl::save_checkpoint() {
+  if (sharded) return save_sharded_checkpoint();
   // Every rank holds the same state: rank 0 writes, the others wait so nobody runs ahead of a failed save.
   std::string dir;
   beat("checkpoint of step " + std::to_string(step));
   std::vector<float> moment_storage;
-  const std::vector<io::NamedTensor> moments = full_moments(moment_storage, true);
+  const std::vector<io::NamedTensor> moments = full_moments(moment_storage);
   if (root) {
     io::TrainCheckpointWrite w;
     w.step = step;
@@ -412,6 +471,129 @@ std::string Trainer::Impl::save_checkpoint() {
   }
   comm.barrier();
   return dir;
+}
+
+std::string Trainer::Impl::save_sharded_checkpoint() {
+  // The ranks of replica 0 write their pieces (the other replicas hold the same ones), rank 0 the manifest.
+  beat("checkpoint of step " + std::to_string(step));
+  const auto t0 = std::chrono::steady_clock::now();
+  int64_t tag = root ? static_cast<int64_t>(::getpid()) : 0;
+  comm.broadcast(&tag, sizeof tag, 0);
+  std::string tmp;
+  if (root) tmp = io::begin_sharded_checkpoint(checkpoint_root, step, std::to_string(tag));
+  int64_t length = static_cast<int64_t>(tmp.size());
+  comm.broadcast(&length, sizeof length, 0);
+  tmp.resize(static_cast<size_t>(length));
+  comm.broadcast(tmp.data(), tmp.size(), 0);
+  std::string entry;
+  if (grid->dp_index() == 0) {
+    const std::vector<ParamSpec>& specs = model->weights().specs();
+    std::vector<io::ShardPiece> pieces;
+    const auto& mine = sharded->pieces();
+    for (size_t i = 0; i < mine.size(); ++i)
+      pieces.push_back({specs[mine[i].spec].hf_key, mine[i].offset, mine[i].numel, mine[i].param,
+                        adamw->exp_avg(i).data<float>(), adamw->exp_avg_sq(i).data<float>()});
+    entry = io::write_checkpoint_shard(tmp, grid->replica().rank(), pieces);
+  }
+  std::vector<std::string> entries = comm.gather_strings(entry, 0);
+  std::string dir;
+  if (root) {
+    entries.erase(std::remove(entries.begin(), entries.end(), std::string()), entries.end());
+    const parallel::GridShape& g = grid->shape();
+    const json layout{{"dp", g.dp}, {"fsdp", g.fsdp}, {"ep", g.ep}, {"tp", g.tp}, {"world", g.world()}};
+    dir = io::finish_sharded_checkpoint(checkpoint_root, tmp, step, model->config(), layout.dump(), entries,
+                                        trainer_state_json(), config_yaml, cfg.checkpoint.keep);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    char line[64];
+    std::snprintf(line, sizeof line, " (%.2f s, %zu shard files)", secs, entries.size());
+    out << "checkpoint step " << step << " -> " << dir << line << "\n";
+    emit(json{{"event", "checkpoint"}, {"step", step}, {"path", dir}, {"seconds", secs}, {"shards", entries.size()}});
+  }
+  comm.barrier();
+  return dir;
+}
+
+void Trainer::Impl::export_sharded(const std::string& dir, HfExportOptions options) {
+  // Rank 0 writes tensor by tensor; before a tensor of another unit it broadcasts that unit's index and every
+  // rank gathers it (in the same order everywhere), so no rank ever holds more than one unit. -1 ends.
+  const std::vector<ParamUnit>& units = model->units();
+  const auto unit_of = [&](const std::string& key) {
+    const std::vector<ParamSpec>& specs = model->weights().specs();
+    size_t spec = 0;
+    while (specs[spec].hf_key != key) ++spec;
+    int u = 0;
+    while (units[u].end_spec <= spec) ++u;
+    return u;
+  };
+  int held = -1;
+  const auto switch_to = [&](int next) {
+    int64_t message = next;
+    comm.broadcast(&message, sizeof message, 0);
+    if (held >= 0) sharded->release(held);
+    held = -1;
+    if (next >= 0) {
+      sharded->acquire(next);
+      held = next;
+    }
+  };
+  if (root) {
+    options.before_write = [&](const std::string& key) {
+      const int u = unit_of(key);
+      if (u != held) switch_to(u);
+    };
+    // A failed export throws while the other ranks wait for a unit index: train_cmd then aborts every rank.
+    export_hf(dir, *model, options);
+    switch_to(-1);
+    return;
+  }
+  for (;;) {
+    int64_t next = 0;
+    comm.broadcast(&next, sizeof next, 0);
+    if (held >= 0) sharded->release(held);
+    held = -1;
+    if (next < 0) break;
+    sharded->acquire(static_cast<int>(next));
+    held = static_cast<int>(next);
+  }
+}
+
+void Trainer::Impl::log_memory() {
+  // Bytes this rank's training state takes (the parallel plan of `q3vl plan` predicts the same items).
+  json j{{"event", "memory"}, {"step", step}};
+  const BatchShape& cap = workspace->capacity();
+  j["batch_shape"] = {{"batch", cap.batch}, {"seq", cap.seq}, {"image_patches", cap.image_patches},
+                      {"video_patches", cap.video_patches}, {"items", cap.items}, {"frames", cap.frames}};
+  int64_t weights = 0, grads = 0, gathered = 0, staging_bytes = 0;
+  if (sharded) {
+    const parallel::ShardedParams::Memory m = sharded->memory();
+    weights = m.weight_shard;
+    grads = m.grad_shard;
+    gathered = m.gathered_peak;
+    staging_bytes = m.staging;
+  } else {
+    weights = static_cast<int64_t>(ParamStore::bytes(model->config(), DType::f32));
+    grads = weights;
+    staging_bytes = static_cast<int64_t>(staging.size() * sizeof(float));
+  }
+  int64_t adam = 0;
+  for (size_t i = 0; i < adamw->size(); ++i) adam += static_cast<int64_t>(AdamW::state_bytes(adamw->tensor(i).param.numel()));
+  int64_t ep_buffers = 0;
+  for (const size_t b : workspace->expert_parallel_bytes()) ep_buffers += static_cast<int64_t>(b);
+  const int64_t acts = static_cast<int64_t>(workspace->activations().capacity());
+  const int64_t scratch = static_cast<int64_t>(workspace->scratch().capacity());
+  j["weight_shard_bytes"] = weights;
+  j["grad_shard_bytes"] = grads;
+  j["adamw_bytes"] = adam;
+  j["gathered_peak_bytes"] = gathered;
+  j["staging_bytes"] = staging_bytes;
+  j["activation_bytes"] = acts;
+  j["scratch_bytes"] = scratch;
+  j["ep_buffer_bytes"] = ep_buffers;
+  j["total_bytes"] = weights + grads + adam + gathered + staging_bytes + acts + scratch + ep_buffers;
+  j["rank"] = comm.rank();
+  // Every rank's numbers reach rank 0's metrics.
+  const std::vector<std::string> all = comm.gather_strings(j.dump(), 0);
+  for (const std::string& line : all) emit(json::parse(line));
 }
 
 StepRecord Trainer::Impl::train_step() {
@@ -447,7 +629,8 @@ StepRecord Trainer::Impl::train_step() {
     workspace = std::make_unique<Workspace>(*model, cap);
   }
 
-  model->zero_grads();
+  if (sharded) sharded->zero_grads();
+  else model->zero_grads();
   for (auto& c : expert_counts) std::fill(c.begin(), c.end(), 0);
   const int64_t normalizer = std::max<int64_t>(rec.target_tokens, 1);
   bool finite = true;
@@ -481,8 +664,9 @@ StepRecord Trainer::Impl::train_step() {
   const double coef = model->config().num_moe_layers() > 0 ? model->config().text.router_aux_loss_coef : 0.0;
   rec.loss = rec.ce_loss + coef * rec.aux_loss;
   {
+    // Each element is owned by one rank of a replica (ZeRO-1 chunks: one rank of the world).
     double sum_sq = gradient_sum_of_squares(shard_tensors);
-    comm.all_reduce_sum(std::span<double>(&sum_sq, 1));
+    (sharded ? grid->replica() : comm).all_reduce_sum(std::span<double>(&sum_sq, 1));
     rec.grad_norm = std::sqrt(sum_sq);
   }
   ++step;
@@ -499,6 +683,7 @@ StepRecord Trainer::Impl::train_step() {
   } else {
     adamw->step(rec.lr, clip_coefficient(rec.grad_norm, cfg.optimizer.grad_clip));
     beat("step " + std::to_string(step) + ": parameter all-gather");
+    // Sharded parameters are gathered by the next forward; ZeRO-1 chunks are gathered now.
     for (size_t i = 0; i < optim_tensors.size(); ++i) {
       if (!optim_tensors[i].frozen) gather_chunks(optim_tensors[i].param.data<float>(), ranges[i], optim_tensors[i].param.numel());
     }
@@ -587,6 +772,11 @@ void Trainer::Impl::reduce_expert_stats(std::vector<MoeStats>& layers) {
 }
 
 void Trainer::Impl::reduce_gradients() {
+  if (sharded) {
+    // The model's backward already reduce-scattered every unit inside the replica.
+    sharded->all_reduce_grads(grid->replicate());
+    return;
+  }
   if (comm.size() == 1) return;
   const size_t ranks = static_cast<size_t>(comm.size());
   for (size_t i = 0; i < optim_tensors.size(); ++i) {
@@ -661,6 +851,7 @@ TrainOutcome Trainer::run() {
   const bool periodic = m.cfg.checkpoint.every > 0;
   while (m.step < m.cfg.train.steps) {
     outcome.steps.push_back(m.train_step());
+    if (outcome.steps.size() == 1) m.log_memory();
     if (m.step_callback) m.step_callback(outcome.steps.back());
     if (m.cfg.logging.expert_stats_every > 0 && m.step % m.cfg.logging.expert_stats_every == 0) m.log_expert_load();
     int64_t stop_flag = g_stop_requested.load() ? 1 : 0;  // every rank stops at the same step
@@ -682,10 +873,12 @@ TrainOutcome Trainer::run() {
     eo.dtype = export_dtype(m.cfg.export_.dtype);
     eo.max_shard_bytes = static_cast<uint64_t>(m.cfg.export_.shard_mb) << 20;
     if (m.cfg.export_.tokenizer) eo.tokenizer_dir = *m.cfg.export_.tokenizer;
-    if (m.root) {
+    if (m.sharded) {
+      m.export_sharded(outcome.export_dir, eo);
+    } else if (m.root) {
       export_hf(outcome.export_dir, *m.model, eo);
-      m.out << "exported HF model -> " << outcome.export_dir << "\n";
     }
+    m.out << "exported HF model -> " << outcome.export_dir << "\n";
     m.comm.barrier();
   }
   m.watchdog.reset();

@@ -10,12 +10,18 @@
 // Everything the next step depends on (weights, AdamW moments and step, loader position, counters) is in a
 // checkpoint, so N steps + resume + N steps equal 2N steps bit for bit.
 //
-// Data parallelism (parallel.dp ranks of a communicator): each rank reads its own sequences;
-// the CE normaliser, the MoE routing statistics (so the aux loss is the global batch's) and the gradients are
-// summed over ranks before the (replicated) AdamW step, so a run on R ranks with one sequence each computes
-// the loss and update of one rank with R sequences, up to fp32 summation order. Rank 0 logs, writes the
-// checkpoints (every rank holds the same state) and the export. parallel.fsdp, parallel.tp and parallel.ep
-// above 1 are refused until parameter sharding, tensor and expert parallelism exist.
+// Parallel layouts (parallel/process_grid.h: world = dp x fsdp x ep x tp, every rank of dp x fsdp x ep reading its
+// own sequences). The CE normaliser and the MoE routing statistics (so the aux loss is the global batch's) are
+// summed over ranks, so a run on R ranks with one sequence each computes the loss and update of one rank with R
+// sequences, up to fp32 summation order.
+// - fsdp = ep = 1 (data parallelism only): every rank holds the whole model; gradients are reduce-scattered and
+//   AdamW is sharded over the ranks (ZeRO-1), updated chunks all-gathered; rank 0 writes whole-tensor checkpoints.
+// - fsdp x ep > 1: parameters, gradients and AdamW state are sharded (parallel/sharded_params.h, ZeRO-3, units
+//   gathered inside the model's forward and backward), the experts split over ep ranks with token exchange
+//   (core/layers/moe.h); the ranks of replica 0 write their pieces into a sharded checkpoint; the HF export
+//   is gathered unit by unit while rank 0 writes it.
+// Any checkpoint resumes in any layout (io/sharded_checkpoint.h reads element ranges of either format).
+// parallel.tp above 1 is refused until tensor parallelism exists.
 #pragma once
 
 #include <atomic>

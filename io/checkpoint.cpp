@@ -133,10 +133,14 @@ void load_hf_weights(const std::string& dir, const ModelConfig& config, const We
 }
 
 StDirLayout save_hf_checkpoint(const std::string& dir, const ModelConfig& config, const WeightLookup& lookup,
-                               DType dtype, uint64_t max_shard_bytes) {
+                               DType dtype, uint64_t max_shard_bytes,
+                               const std::function<void(const std::string& key)>& before_write) {
   std::vector<StWriteEntry> entries;
-  for (const ParamSpec& s : model_param_specs(config))
-    entries.push_back({s.hf_key, destination(s, lookup, "checkpoint save")});
+  for (const ParamSpec& s : model_param_specs(config)) {
+    StWriteEntry e{s.hf_key, destination(s, lookup, "checkpoint save"), {}};
+    if (before_write) e.prepare = [&before_write, key = s.hf_key] { before_write(key); };
+    entries.push_back(std::move(e));
+  }
   std::error_code ec;
   fs::create_directories(dir, ec);
   Q3VL_CHECK(!ec, "checkpoint: cannot create directory ", dir, ": ", ec.message());

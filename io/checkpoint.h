@@ -29,7 +29,9 @@ void load_hf_weights(const std::string& dir, const ModelConfig& config, const We
 
 // Writes config.json and the weights in `dtype` (f32, bf16 or f16): model.safetensors, or shards of at most
 // `max_shard_bytes` (0: no limit) with model.safetensors.index.json, in model_param_specs order.
+// before_write(key), when set, runs just before a tensor's bytes are read (see StWriteEntry::prepare).
 StDirLayout save_hf_checkpoint(const std::string& dir, const ModelConfig& config, const WeightLookup& lookup,
-                               DType dtype, uint64_t max_shard_bytes);
+                               DType dtype, uint64_t max_shard_bytes,
+                               const std::function<void(const std::string& key)>& before_write = {});
 
 }  // namespace q3vl::io

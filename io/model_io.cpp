@@ -16,9 +16,10 @@ std::unique_ptr<Model> load_hf_model(const std::string& dir) {
   return model;
 }
 
-void save_hf_model(const std::string& dir, const Model& model, DType dtype, uint64_t max_shard_bytes) {
+void save_hf_model(const std::string& dir, const Model& model, DType dtype, uint64_t max_shard_bytes,
+                   const std::function<void(const std::string& key)>& before_write) {
   save_hf_checkpoint(dir, model.config(), [&](const std::string& key) { return model.weights().at(key); }, dtype,
-                     max_shard_bytes);
+                     max_shard_bytes, before_write);
 }
 
 BatchLimits batch_limits(const ModelConfig& config) {

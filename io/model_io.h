@@ -3,6 +3,7 @@
 #pragma once
 
 #include <memory>
+#include <functional>
 #include <string>
 
 #include "core/arena.h"
@@ -15,7 +16,9 @@ namespace q3vl::io {
 std::unique_ptr<Model> load_hf_model(const std::string& dir);
 
 // Writes config.json and the weights of `model` into DIR as an HF checkpoint.
-void save_hf_model(const std::string& dir, const Model& model, DType dtype, uint64_t max_shard_bytes);
+// before_write: see save_hf_checkpoint.
+void save_hf_model(const std::string& dir, const Model& model, DType dtype, uint64_t max_shard_bytes,
+                   const std::function<void(const std::string& key)>& before_write = {});
 
 // The limits a batch must satisfy for `config` (feature count, merge size, vocabulary, placeholder counts).
 BatchLimits batch_limits(const ModelConfig& config);

@@ -541,6 +541,7 @@ void emit_file(const StFilePlan& plan, DType dtype, const StByteSink& sink) {
   for (const StWriteEntry* e : plan.order) {
     const DType from = e->tensor.dtype();
     const DType to = stored_dtype(e->tensor, dtype);
+    if (e->prepare) e->prepare();
     const int64_t count = e->tensor.numel();
     const auto* src = static_cast<const std::byte*>(e->tensor.raw());
     for (int64_t start = 0; start < count; start += kChunkElems) {

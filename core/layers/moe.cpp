@@ -1,31 +1,39 @@
 // MoE forward/backward on the CPU GEMM: router + softmax + top-k, a stable counting sort of the (token, slot)
 // pairs by expert, one grouped GEMM per expert and projection (experts run in parallel, each GEMM on one
-// thread), fused SwiGLU loops, and a per-token combine in slot order. Also the pooled aux loss.
+// thread), fused SwiGLU loops, and a per-token combine in slot order. With expert parallelism the expert GEMMs
+// run on the experts' owners instead (moe_expert_parallel.cpp). Also the pooled aux loss.
 #include "core/layers/moe.h"
-
-#include <Eigen/Core>
 
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "core/kernels/cpu/gemm.h"
 #include "core/layer_checks.h"
+#include "core/layers/moe_expert_parallel.h"
 
 namespace q3vl {
 
 namespace {
 
+using moe_detail::gather_rows;
+using moe_detail::swiglu_backward_rows;
+using moe_detail::swiglu_rows;
+
 size_t bytes_of(int64_t numel, size_t elem) { return Arena::aligned(static_cast<size_t>(numel) * elem); }
 
 // Allocation sizes in the order the forward and backward carve them; the byte functions sum the same list.
+// Expert parallelism keeps gate_up_out and the activations on the owners (MoeSaved's vectors) instead.
 size_t saved_bytes(const MoeConfig& c, int64_t n, size_t f) {
   const int64_t pairs = n * c.top_k;
-  return bytes_of(n * c.num_experts, f) + bytes_of(pairs, 8) + bytes_of(pairs, f) + bytes_of(c.num_experts + 1, 8) +
-         bytes_of(pairs, 8) + bytes_of(pairs, 8) + bytes_of(pairs * 2 * c.expert_ffn, f);
+  const size_t routing = bytes_of(n * c.num_experts, f) + bytes_of(pairs, 8) + bytes_of(pairs, f) +
+                         bytes_of(c.num_experts + 1, 8) + bytes_of(pairs, 8) + bytes_of(pairs, 8);
+  return c.exchange ? routing : routing + bytes_of(pairs * 2 * c.expert_ffn, f);
 }
 size_t forward_scratch_bytes(const MoeConfig& c, int64_t n, size_t f) {
   const int64_t pairs = n * c.top_k;
+  if (c.exchange) return bytes_of(pairs * c.hidden, f);
   return bytes_of(pairs * c.hidden, f) + bytes_of(pairs * c.expert_ffn, f);
 }
 
@@ -106,57 +114,16 @@ void route(int64_t n, int64_t E, int64_t K, T* probs, int64_t* topk_expert, T* t
   }
 }
 
-// a = silu(gate) * up for `rows` rows of a fused [rows, 2I] block (Eigen's vectorised exp).
-template <class T>
-void swiglu_rows(int64_t rows, int64_t I, const T* h, T* a) {
-  using Vec = Eigen::Array<T, Eigen::Dynamic, 1>;
-  for (int64_t r = 0; r < rows; ++r) {
-    Eigen::Map<const Vec> g(h + r * 2 * I, I), u(h + r * 2 * I + I, I);
-    Eigen::Map<Vec>(a + r * I, I) = g * u / ((-g).exp() + T(1));
-  }
-}
-
-// Backward of weight * (silu(gate) * up) @ down for the rows of one expert. On entry grad_act holds
-// dY @ down^T (unweighted); on exit it holds weight * act (the left operand of d down), dh holds
-// d gate_up_out, and dweight[pair] = <dY @ down^T, act> (d loss / d routing weight).
-template <class T>
-void swiglu_backward_rows(int64_t rows, int64_t I, const T* h, const int64_t* pair, const T* topk_weight,
-                          T* grad_act, T* dh, T* dweight) {
-  using Vec = Eigen::Array<T, Eigen::Dynamic, 1>;
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* __restrict g = h + r * 2 * I;
-    const T* __restrict u = g + I;
-    T* __restrict ga = grad_act + r * I;
-    T* __restrict dg = dh + r * 2 * I;
-    T* __restrict du = dg + I;
-    Eigen::Map<const Vec> gv(g, I), uv(u, I), gav(ga, I);
-    Eigen::Map<Vec> sig(dg, I);
-    sig = ((-gv).exp() + T(1)).inverse();
-    dweight[pair[r]] = (gav * gv * sig * uv).sum();
-    const T wt = topk_weight[pair[r]];
-    for (int64_t j = 0; j < I; ++j) {
-      const T s = dg[j], silu = g[j] * s, da = wt * ga[j];
-      dg[j] = da * u[j] * s * (T(1) + g[j] * (T(1) - s));
-      du[j] = da * silu;
-      ga[j] = wt * silu * u[j];
-    }
-  }
-}
-
-template <class T>
-void gather_rows(int64_t rows, int64_t H, int64_t K, const int64_t* pair, const T* src, T* dst) {
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * H, src + (pair[r] / K) * H, sizeof(T) * H);
-}
-
-// dst[t] (+)= sum over slots s of scale(t, s) * rows[pair_row[t*K + s]], summed in slot order.
+// dst[t] (+)= sum over slots s of scale(t, s) * rows[pair_row[t*K + s]] (rows ld elements apart, H used),
+// summed in slot order.
 template <class T, class Scale>
-void combine(int64_t n, int64_t H, int64_t K, const int64_t* pair_row, const T* rows, bool accumulate, Scale scale,
-             T* dst) {
+void combine(int64_t n, int64_t H, int64_t K, const int64_t* pair_row, const T* rows, int64_t ld, bool accumulate,
+             Scale scale, T* dst) {
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < n; ++t) {
     T* __restrict out = dst + t * H;
     for (int64_t s = 0; s < K; ++s) {
-      const T* __restrict src = rows + pair_row[t * K + s] * H;
+      const T* __restrict src = rows + pair_row[t * K + s] * ld;
       const T c = scale(t * K + s);
       if (s == 0 && !accumulate) {
         for (int64_t j = 0; j < H; ++j) out[j] = c * src[j];
@@ -173,17 +140,18 @@ void forward_impl(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, Va
   const DType dt = dtype_of<T>();
   const int64_t n = x.size(0), H = cfg.hidden, E = cfg.num_experts, K = cfg.top_k, I = cfg.expert_ffn;
   const int64_t pairs = n * K;
+  const bool local = cfg.exchange == nullptr;
   saved.probs = Tensor::empty(arena, {n, E}, dt);
   saved.topk_expert = Tensor::empty(arena, {n, K}, DType::i64);
   saved.topk_weight = Tensor::empty(arena, {n, K}, dt);
   saved.expert_offsets = Tensor::empty(arena, {E + 1}, DType::i64);
   saved.sorted_pair = Tensor::empty(arena, {pairs}, DType::i64);
   saved.pair_row = Tensor::empty(arena, {pairs}, DType::i64);
-  saved.gate_up_out = Tensor::empty(arena, {pairs, 2 * I}, dt);
+  saved.gate_up_out = local ? Tensor::empty(arena, {pairs, 2 * I}, dt) : Tensor();
   const size_t mark = arena.mark();
   // Gathered inputs of each expert, overwritten in place by that expert's outputs.
   T* rows = Tensor::empty(arena, {pairs, H}, dt).data<T>();
-  T* act = Tensor::empty(arena, {pairs, I}, dt).data<T>();
+  T* act = local ? Tensor::empty(arena, {pairs, I}, dt).data<T>() : nullptr;
 
   const T* xp = x.data<T>();
   T* probs = saved.probs.data<T>();
@@ -192,7 +160,6 @@ void forward_impl(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, Va
   int64_t* offsets = saved.expert_offsets.data<int64_t>();
   int64_t* sorted_pair = saved.sorted_pair.data<int64_t>();
   int64_t* pair_row = saved.pair_row.data<int64_t>();
-  T* gate_up_out = saved.gate_up_out.data<T>();
 
   cpu::gemm<T>(false, true, n, E, H, T(1), xp, H, w.router.data<T>(), H, T(0), probs, E);
   route<T>(n, E, K, probs, topk_expert, topk_weight);
@@ -222,22 +189,28 @@ void forward_impl(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, Va
   for (int64_t e = E; e > 0; --e) offsets[e] = offsets[e - 1];
   offsets[0] = 0;
 
-  const T* gate_up = w.gate_up.data<T>();
-  const T* down = w.down.data<T>();
+  if constexpr (std::is_same_v<T, float>) {
+    if (!local) moe_detail::expert_parallel_forward(cfg, w, xp, pairs, offsets, sorted_pair, saved, rows);
+  }
+  if (local) {
+    T* gate_up_out = saved.gate_up_out.data<T>();
+    const T* gate_up = w.gate_up.data<T>();
+    const T* down = w.down.data<T>();
 #pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t r0 = offsets[e], ne = offsets[e + 1] - r0;
-    if (ne == 0) continue;
-    T* xr = rows + r0 * H;
-    T* h = gate_up_out + r0 * 2 * I;
-    T* a = act + r0 * I;
-    gather_rows<T>(ne, H, K, sorted_pair + r0, xp, xr);
-    cpu::gemm<T>(false, false, ne, 2 * I, H, T(1), xr, H, gate_up + e * H * 2 * I, 2 * I, T(0), h, 2 * I);
-    swiglu_rows<T>(ne, I, h, a);
-    cpu::gemm<T>(false, false, ne, H, I, T(1), a, I, down + e * I * H, H, T(0), xr, H);
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t r0 = offsets[e], ne = offsets[e + 1] - r0;
+      if (ne == 0) continue;
+      T* xr = rows + r0 * H;
+      T* h = gate_up_out + r0 * 2 * I;
+      T* a = act + r0 * I;
+      gather_rows<T>(ne, H, K, sorted_pair + r0, xp, xr);
+      cpu::gemm<T>(false, false, ne, 2 * I, H, T(1), xr, H, gate_up + e * H * 2 * I, 2 * I, T(0), h, 2 * I);
+      swiglu_rows<T>(ne, I, h, a);
+      cpu::gemm<T>(false, false, ne, H, I, T(1), a, I, down + e * I * H, H, T(0), xr, H);
+    }
   }
 
-  combine<T>(n, H, K, pair_row, rows, false, [&](int64_t p) { return topk_weight[p]; }, y.data<T>());
+  combine<T>(n, H, K, pair_row, rows, H, false, [&](int64_t p) { return topk_weight[p]; }, y.data<T>());
   arena.release(mark);
 }
 
@@ -248,11 +221,14 @@ void backward_impl(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, V
   const DType dt = dtype_of<T>();
   const int64_t n = x.size(0), H = cfg.hidden, E = cfg.num_experts, K = cfg.top_k, I = cfg.expert_ffn;
   const int64_t pairs = n * K;
+  const bool local = cfg.exchange == nullptr;
+  // Expert parallelism: rows carry each sorted row's routing weight out and its d weight back in column H.
+  const int64_t ld = local ? H : H + 1;
   const size_t mark = arena.mark();
   // Per sorted row: gathered dy, then gathered x, then d x of the pair.
-  T* rows = Tensor::empty(arena, {pairs, H}, dt).data<T>();
-  T* act = Tensor::empty(arena, {pairs, I}, dt).data<T>();
-  T* dh = Tensor::empty(arena, {pairs, 2 * I}, dt).data<T>();
+  T* rows = Tensor::empty(arena, {pairs, ld}, dt).data<T>();
+  T* act = local ? Tensor::empty(arena, {pairs, I}, dt).data<T>() : nullptr;
+  T* dh = local ? Tensor::empty(arena, {pairs, 2 * I}, dt).data<T>() : nullptr;
   T* dweight = Tensor::empty(arena, {pairs}, dt).data<T>();
   T* dprobs = Tensor::empty(arena, {n, E}, dt).data<T>();
 
@@ -264,27 +240,39 @@ void backward_impl(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, V
   const int64_t* offsets = saved.expert_offsets.data<int64_t>();
   const int64_t* sorted_pair = saved.sorted_pair.data<int64_t>();
   const int64_t* pair_row = saved.pair_row.data<int64_t>();
-  const T* gate_up_out = saved.gate_up_out.data<T>();
-  const T* gate_up = w.gate_up.data<T>();
-  const T* down = w.down.data<T>();
-  T* dgate_up = grads.gate_up.data<T>();
-  T* ddown = grads.down.data<T>();
   const bool want_dx = dx.defined();
 
+  if constexpr (std::is_same_v<T, float>) {
+    if (!local) {
+      // The owners compute every row's d x (they cannot know whether this rank wants it).
+      moe_detail::expert_parallel_backward(cfg, w, dyp, topk_weight, pairs, offsets, sorted_pair, saved, grads, rows);
+      for (int64_t p = 0; p < pairs; ++p) dweight[p] = rows[pair_row[p] * ld + H];
+    }
+  }
+  if (local) {
+    const T* gate_up_out = saved.gate_up_out.data<T>();
+    const T* gate_up = w.gate_up.data<T>();
+    const T* down = w.down.data<T>();
+    T* dgate_up = grads.gate_up.data<T>();
+    T* ddown = grads.down.data<T>();
 #pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t r0 = offsets[e], ne = offsets[e + 1] - r0;
-    if (ne == 0) continue;
-    T* r = rows + r0 * H;
-    T* a = act + r0 * I;
-    T* d = dh + r0 * 2 * I;
-    gather_rows<T>(ne, H, K, sorted_pair + r0, dyp, r);
-    cpu::gemm<T>(false, true, ne, I, H, T(1), r, H, down + e * I * H, H, T(0), a, I);
-    swiglu_backward_rows<T>(ne, I, gate_up_out + r0 * 2 * I, sorted_pair + r0, topk_weight, a, d, dweight);
-    cpu::gemm<T>(true, false, I, H, ne, T(1), a, I, r, H, T(1), ddown + e * I * H, H);
-    gather_rows<T>(ne, H, K, sorted_pair + r0, xp, r);
-    cpu::gemm<T>(true, false, H, 2 * I, ne, T(1), r, H, d, 2 * I, T(1), dgate_up + e * H * 2 * I, 2 * I);
-    if (want_dx) cpu::gemm<T>(false, true, ne, H, 2 * I, T(1), d, 2 * I, gate_up + e * H * 2 * I, 2 * I, T(0), r, H);
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t r0 = offsets[e], ne = offsets[e + 1] - r0;
+      if (ne == 0) continue;
+      T* r = rows + r0 * H;
+      T* a = act + r0 * I;
+      T* d = dh + r0 * 2 * I;
+      const int64_t* pair = sorted_pair + r0;
+      gather_rows<T>(ne, H, K, pair, dyp, r);
+      cpu::gemm<T>(false, true, ne, I, H, T(1), r, H, down + e * I * H, H, T(0), a, I);
+      swiglu_backward_rows<T>(ne, I, gate_up_out + r0 * 2 * I, [pair](int64_t i) { return pair[i]; }, topk_weight, a,
+                              d, dweight);
+      cpu::gemm<T>(true, false, I, H, ne, T(1), a, I, r, H, T(1), ddown + e * I * H, H);
+      gather_rows<T>(ne, H, K, pair, xp, r);
+      cpu::gemm<T>(true, false, H, 2 * I, ne, T(1), r, H, d, 2 * I, T(1), dgate_up + e * H * 2 * I, 2 * I);
+      if (want_dx)
+        cpu::gemm<T>(false, true, ne, H, 2 * I, T(1), d, 2 * I, gate_up + e * H * 2 * I, 2 * I, T(0), r, H);
+    }
   }
 
   const T* aux = aux_dprob.defined() ? aux_dprob.data<T>() : nullptr;
@@ -311,7 +299,7 @@ void backward_impl(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, V
   if (want_dx) {
     T* dxp = dx.data<T>();
     cpu::gemm<T>(false, false, n, H, E, T(1), dprobs, E, w.router.data<T>(), H, T(0), dxp, H);
-    combine<T>(n, H, K, pair_row, rows, true, [](int64_t) { return T(1); }, dxp);
+    combine<T>(n, H, K, pair_row, rows, ld, true, [](int64_t) { return T(1); }, dxp);
   }
   arena.release(mark);
 }
@@ -326,6 +314,8 @@ size_t moe_forward_arena_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype
 size_t moe_backward_scratch_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype) {
   const size_t f = dtype_size(dtype);
   const int64_t pairs = tokens * cfg.top_k;
+  if (cfg.exchange)
+    return bytes_of(pairs * (cfg.hidden + 1), f) + bytes_of(pairs, f) + bytes_of(tokens * cfg.num_experts, f);
   return bytes_of(pairs * cfg.hidden, f) + bytes_of(pairs * cfg.expert_ffn, f) +
          bytes_of(pairs * 2 * cfg.expert_ffn, f) + bytes_of(pairs, f) + bytes_of(tokens * cfg.num_experts, f);
 }
@@ -342,6 +332,7 @@ void moe_forward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, con
   require(L, "stats.counts", stats.counts, DType::i64, {cfg.num_experts});
   require(L, "stats.prob_sum", stats.prob_sum, DType::f64, {cfg.num_experts});
   const ValidMask mask = check_valid(L, valid, n);
+  if (cfg.exchange) moe_detail::check_expert_parallel(L, cfg, dt);
   check_free(L, "saved_arena", saved_arena, moe_forward_arena_bytes(cfg, n, dt));
   dispatch_float(L, dt, [&](auto tag) {
     forward_impl<decltype(tag)>(cfg, w, x, mask, saved_arena, saved, y, stats);
@@ -368,7 +359,12 @@ void moe_backward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, co
   require(L, "saved.expert_offsets", saved.expert_offsets, DType::i64, {E + 1});
   require(L, "saved.sorted_pair", saved.sorted_pair, DType::i64, {n * K});
   require(L, "saved.pair_row", saved.pair_row, DType::i64, {n * K});
-  require(L, "saved.gate_up_out", saved.gate_up_out, dt, {n * K, 2 * I});
+  if (cfg.exchange) {
+    moe_detail::check_expert_parallel(L, cfg, dt);
+    moe_detail::check_expert_parallel_saved(L, cfg, saved);
+  } else {
+    require(L, "saved.gate_up_out", saved.gate_up_out, dt, {n * K, 2 * I});
+  }
   const ValidMask mask = check_valid(L, valid, n);
   check_free(L, "scratch", scratch, moe_backward_scratch_bytes(cfg, n, dt));
   dispatch_float(L, dt, [&](auto tag) {

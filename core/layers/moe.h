@@ -11,17 +11,41 @@
 
 #include <cstdint>
 #include <span>
+#include <vector>
 
 #include "core/arena.h"
 #include "core/tensor.h"
 
 namespace q3vl {
 
+class ExpertExchange;
+
 struct MoeConfig {
   int64_t hidden = 0;       // H
   int64_t num_experts = 0;  // E
   int64_t top_k = 0;        // k
   int64_t expert_ffn = 0;   // I
+  // Expert parallelism (f32 only): when set, this rank computes only its local experts (see ExpertExchange)
+  // and the (token, slot) rows travel to the rank owning their expert and back. Unset: every expert here.
+  ExpertExchange* exchange = nullptr;
+};
+
+// Expert parallelism: the E experts are split over size() ranks in contiguous blocks, rank q owning experts
+// [q * E / size(), (q + 1) * E / size()); weights and gradients of the other experts are never read or
+// written on this rank. Implemented over a communicator in parallel/ (core never sees MPI). Every rank of the
+// group calls the operations in the same order (the moe_forward / moe_backward of the same layer).
+class ExpertExchange {
+ public:
+  virtual ~ExpertExchange() = default;
+  virtual int size() const = 0;
+  virtual int rank() const = 0;
+  // send holds size() blocks of m counts (block q for rank q); recv (same length) gets block q = what rank q
+  // sent to this rank.
+  virtual void exchange_counts(std::span<const int64_t> send, std::span<int64_t> recv) = 0;
+  // Rows of row_bytes bytes: send_rows[q] rows (back to back in rank order in `send`) go to rank q, and
+  // recv_rows[q] rows from rank q land back to back in rank order in `recv`.
+  virtual void exchange_rows(const void* send, std::span<const int64_t> send_rows, void* recv,
+                             std::span<const int64_t> recv_rows, size_t row_bytes) = 0;
 };
 
 // The on-disk layouts: router is nn.Linear [E, H]; experts are x @ W with gate_up [E, H, 2I] (gate = first I
@@ -42,7 +66,19 @@ struct MoeSaved {
   Tensor expert_offsets;  // i64 [E + 1] rows of expert e are sorted rows [offsets[e], offsets[e + 1])
   Tensor sorted_pair;     // i64 [N * k] pair id of each sorted row (stable: increasing p within an expert)
   Tensor pair_row;        // i64 [N * k] inverse: sorted row of pair p
-  Tensor gate_up_out;     // [N * k, 2I] x @ gate_up_e of each sorted row
+  Tensor gate_up_out;     // [N * k, 2I] x @ gate_up_e of each sorted row (local path; undefined with EP)
+
+  // Expert parallelism only (P ranks, El = E / P local experts). How many rows this rank's experts receive
+  // depends on the routing of every rank, so these live in host vectors that only grow and are reused across
+  // steps, not in the arena (sized before routing is known).
+  int64_t ep_rows = 0;                   // M: rows received for the local experts from all ranks
+  std::vector<int64_t> ep_counts;        // [P * El] rows rank q sent for local expert j, at q * El + j
+  std::vector<float> ep_x;               // [M, H] received x rows, expert-major (expert j: rank 0's, rank 1's, ...)
+  std::vector<float> ep_gate_up_out;     // [M, 2I] ep_x @ gate_up of each row's expert
+  // Transient rows and block indices of moe_forward and moe_backward (mutable: the backward takes MoeSaved
+  // const).
+  mutable std::vector<float> ep_scratch;
+  mutable std::vector<int64_t> ep_index;
 };
 
 // Per-layer routing statistics of the real (valid) tokens, written by moe_forward.
@@ -60,15 +96,25 @@ size_t moe_backward_scratch_bytes(const MoeConfig& cfg, int64_t tokens, DType dt
 
 // x [N, H]; valid: u8 or i64 [N] of 0/1 (1 = real token), or undefined for all valid; y [N, H] written.
 // Padding tokens are routed and computed like the others (as in HF) but left out of `stats`.
+// With cfg.exchange (f32, E divisible by the group size) routing, stats and the sort by expert stay here (global
+// expert ids); the x rows travel to the ranks owning their experts, which run the expert GEMMs and send the
+// outputs back for the same per-token combine. Every rank of the group must call it (with 0 tokens too).
 void moe_forward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, const Tensor& valid,
                  Arena& saved_arena, MoeSaved& saved, const Tensor& y, MoeStats& stats);
 
 // dx [N, H] written when defined; grads (router, gate_up, down) accumulated (+=). aux_dprob [E] (from
 // moe_aux_loss, coefficient included) adds aux_dprob[e] to d loss / d probs[t, e] of every valid token; pass
 // it undefined when the aux loss is off. Gradients flow through the renormalised weights and the softmax.
+// With cfg.exchange the dy rows and their routing weights travel to the expert owners, which accumulate the
+// gate_up / down gradients of their local experts only (rows of other experts untouched; no reduction over
+// the group needed) and send back the dx rows and d routing weights; grads.router gets this rank's tokens'
+// share only (sum it over ranks like any replicated weight).
 void moe_backward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, const Tensor& valid,
                   const MoeSaved& saved, const Tensor& dy, const Tensor& aux_dprob, const Tensor& dx,
                   const MoeGrads& grads, Arena& scratch);
+
+// Bytes of the growable expert-parallel buffers of one MoE layer currently held (capacity), for memory reports.
+size_t moe_expert_parallel_bytes(const MoeSaved& saved);
 
 // Pools the stats of L layers: T = sum of valid tokens, f_e = counts_e / T, P_e = prob_sum_e / T, and returns
 // aux = E * sum_e f_e P_e (0 when T = 0). When aux_dprob ([E], f32 or f64) is defined it is written with

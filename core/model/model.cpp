@@ -112,6 +112,12 @@ Workspace::Workspace(const Model& model, const BatchShape& capacity)
       d_deepstack(model.config().vision.deepstack_visual_indexes.size()),
       moe_stats(model.config().num_moe_layers()) {}
 
+std::vector<size_t> Workspace::expert_parallel_bytes() const {
+  std::vector<size_t> out;
+  for (const DecoderLayerSaved& l : layers) out.push_back(moe_expert_parallel_bytes(l.moe));
+  return out;
+}
+
 Model::Model(const ModelConfig& config, DType dtype)
     : config_(config), weights_(config, dtype, "weights"), grads_(config, dtype, "gradients") {
   config_.validate();
@@ -119,8 +125,8 @@ Model::Model(const ModelConfig& config, DType dtype)
   vision_g_ = vision_tower_weights(config_.vision, grads_);
   text_w_ = text_weights(config_, weights_);
   text_g_ = text_weights(config_, grads_);
-  weights_.fill_zero();
-  grads_.fill_zero();
+  unit_ids_ = unit_ids(weights_.units());
+  // Both stores start zero-filled (fresh anonymous pages).
 }
 
 void Model::init_weights(uint64_t seed) { weights_.init(seed, config_.text.initializer_range); }
@@ -238,6 +244,8 @@ ForwardResult Model::forward(const Batch& batch, Workspace& ws, const ForwardOpt
     scratch.release(mark);
   }
 
+  ctx.expert_exchange = exchange_;
+
   // ---- Vision tower and the visual token rows ----
   ws.has_vision = batch.pixel_values.defined() || batch.pixel_values_videos.defined();
   const int64_t merge_unit = c.vision.merge_unit();
@@ -254,29 +262,50 @@ ForwardResult Model::forward(const Batch& batch, Workspace& ws, const ForwardOpt
     const int64_t images = batch.pixel_values.defined() ? batch.image_grid_thw.size(0) : 0;
     if (images > 0) copy(grid.narrow(0, 0, images), batch.image_grid_thw);
     if (shape.items > images) copy(grid.narrow(0, images, shape.items - images), batch.video_grid_thw);
+    // The mergers run at the DeepStack taps between blocks, so they stay gathered through the tower.
+    acquire(unit_ids_.vision_embeddings);
+    acquire(unit_ids_.vision_mergers);
+    VisionBlockCalls calls;
+    bool embeddings_held = true;
+    calls.before = [&](int b) {
+      if (embeddings_held) release(unit_ids_.vision_embeddings);
+      embeddings_held = false;
+      acquire(unit_ids_.vision_blocks[b]);
+    };
+    calls.after = [&](int b) { release(unit_ids_.vision_blocks[b]); };
     vision_tower_forward(c.vision, vision_w_, batch.pixel_values, batch.pixel_values_videos, grid, acts, scratch,
-                         ws.vision);
+                         ws.vision, calls);
+    if (embeddings_held) release(unit_ids_.vision_embeddings);
+    release(unit_ids_.vision_mergers);
   }
 
   // ---- Text decoder ----
   Tensor h = Tensor::empty(acts, {n, c.text.hidden_size}, dt);
+  acquire(unit_ids_.token_embedding);
   embedding_forward(ws.ids, text_w_.embed, h);
+  // A tied lm_head is the embedding table: it stays gathered until the logits.
+  if (!c.tie_word_embeddings) release(unit_ids_.token_embedding);
   if (ws.has_vision) scatter_rows(h, ws.vis_pos, ws.vision.embeds);
   const size_t taps = ws.has_vision ? ws.vision.deepstack.size() : 0;
   size_t moe_layer = 0;
   for (int l = 0; l < c.text.num_hidden_layers; ++l) {
     DecoderLayerSaved& s = ws.layers[l];
+    acquire(unit_ids_.text_layers[l]);
     decoder_layer_forward(c, l, text_w_.layers[l], ctx, h, acts, scratch, s);
+    release(unit_ids_.text_layers[l]);
     h = s.h_out;
     if (static_cast<size_t>(l) < taps) scatter_add_rows(h, ws.vis_pos, ws.vision.deepstack[l]);
     if (text_w_.layers[l].moe) ws.moe_stats[moe_layer++] = s.stats;
   }
   ws.final_normed = Tensor::empty(acts, {n, c.text.hidden_size}, dt);
   ws.final_rstd = Tensor::empty(acts, {n}, dt);
+  acquire(unit_ids_.head);
   rmsnorm_forward(h, text_w_.final_norm, c.text.rms_norm_eps, ws.final_normed, ws.final_rstd);
   ForwardResult r;
   r.logits = Tensor::empty(acts, {n, c.text.vocab_size}, dt);
   linear_forward(ws.final_normed, text_w_.lm_head, Tensor{}, r.logits);
+  release(unit_ids_.head);
+  if (c.tie_word_embeddings) release(unit_ids_.token_embedding);
   ws.lse = Tensor::empty(acts, {n}, dt);
   if (batch.labels.defined()) {
     const CrossEntropySum ce = cross_entropy_forward(r.logits, ws.targets, ws.lse);
@@ -329,9 +358,17 @@ void Model::backward(Workspace& ws, const BackwardOptions& options) {
   }
   const Tensor d_normed = Tensor::empty(scratch, {n, h}, dt);
   const Tensor dh = Tensor::empty(scratch, {n, h}, dt);
+  acquire(unit_ids_.head);
+  if (c.tie_word_embeddings) acquire(unit_ids_.token_embedding);
   linear_backward(ws.final_normed, text_w_.lm_head, dlogits, d_normed, text_g_.lm_head, Tensor{});
   const Tensor& h_last = ws.layers[c.text.num_hidden_layers - 1].h_out;
   rmsnorm_backward(h_last, text_w_.final_norm, ws.final_rstd, d_normed, dh, text_g_.final_norm);
+  gradients_ready(unit_ids_.head);
+  release(unit_ids_.head);
+  if (c.tie_word_embeddings) {
+    gradients_ready(unit_ids_.token_embedding);
+    release(unit_ids_.token_embedding);
+  }
 
   Tensor aux_dprob;
   if (ws.aux_dprob.defined()) {
@@ -346,7 +383,10 @@ void Model::backward(Workspace& ws, const BackwardOptions& options) {
   }
   for (int l = c.text.num_hidden_layers - 1; l >= 0; --l) {
     if (static_cast<size_t>(l) < taps) gather_rows(d_deepstack[l], dh, ws.vis_pos);
+    acquire(unit_ids_.text_layers[l]);
     decoder_layer_backward(c, l, text_w_.layers[l], ws.ctx, ws.layers[l], dh, aux_dprob, text_g_.layers[l], scratch);
+    gradients_ready(unit_ids_.text_layers[l]);
+    release(unit_ids_.text_layers[l]);
   }
   if (ws.has_vision) {
     gather_rows(d_embeds, dh, ws.vis_pos);
@@ -363,12 +403,26 @@ void Model::backward(Workspace& ws, const BackwardOptions& options) {
         if (id[i] == c.text.pad_token_id) std::fill(g + i * h, g + (i + 1) * h, T(0));
     });
   }
+  // The embedding backward reads no weights, only the token ids.
   embedding_backward(ws.ids, dh, text_g_.embed);
+  gradients_ready(unit_ids_.token_embedding);
   scratch.release(text_mark);
 
-  if (ws.has_vision)
+  if (ws.has_vision) {
+    acquire(unit_ids_.vision_mergers);
+    VisionBlockCalls calls;
+    calls.before = [&](int b) { acquire(unit_ids_.vision_blocks[b]); };
+    calls.after = [&](int b) {
+      gradients_ready(unit_ids_.vision_blocks[b]);
+      release(unit_ids_.vision_blocks[b]);
+    };
+    // The patch embedding's and position table's gradients need no weights (the pixels take no gradient).
     vision_tower_backward(c.vision, vision_w_, ws.vision, d_embeds,
-                          std::span<const Tensor>(d_deepstack.data(), taps), vision_g_, scratch);
+                          std::span<const Tensor>(d_deepstack.data(), taps), vision_g_, scratch, calls);
+    gradients_ready(unit_ids_.vision_mergers);
+    release(unit_ids_.vision_mergers);
+    gradients_ready(unit_ids_.vision_embeddings);
+  }
   scratch.reset();
 }
 

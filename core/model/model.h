@@ -33,6 +33,7 @@
 #include "core/arena.h"
 #include "core/model/config.h"
 #include "core/model/param_store.h"
+#include "core/model/param_units.h"
 #include "core/model/text_decoder.h"
 #include "core/model/vision_tower.h"
 #include "core/tensor.h"
@@ -100,6 +101,8 @@ class Workspace {
   Arena& scratch() { return scratch_; }
   // Routing counts of the last forward, one entry per MoE layer in layer order (expert-load statistics).
   const std::vector<MoeStats>& expert_load() const { return moe_stats; }
+  // Bytes of each MoE layer's growable expert-parallel buffers (moe.h), for memory reports.
+  std::vector<size_t> expert_parallel_bytes() const;
 
  private:
   friend class Model;
@@ -139,9 +142,30 @@ class Model {
   // be alive; the logits in the workspace are overwritten with their gradient.
   void backward(Workspace& ws, const BackwardOptions& options = {});
 
+  // FSDP: the model calls `hooks` around every use of a unit's weights and after its gradients are complete
+  // (param_units.h), so a sharded store materialises only the units in use. nullptr: all weights are present.
+  void set_param_hooks(ParamUnitHooks* hooks) { hooks_ = hooks; }
+  // Expert parallelism: the MoE layers compute only this rank's experts and exchange rows through
+  // `exchange` (core/layers/moe.h). nullptr: every expert is local.
+  void set_expert_exchange(ExpertExchange* exchange) { exchange_ = exchange; }
+  const std::vector<ParamUnit>& units() const { return weights_.units(); }
+
  private:
+  void acquire(int unit) const {
+    if (hooks_) hooks_->acquire(unit);
+  }
+  void release(int unit) const {
+    if (hooks_) hooks_->release(unit);
+  }
+  void gradients_ready(int unit) {
+    if (hooks_) hooks_->gradients_ready(unit);
+  }
+
   ModelConfig config_;
   ParamStore weights_, grads_;
+  UnitIds unit_ids_;
+  ParamUnitHooks* hooks_ = nullptr;
+  ExpertExchange* exchange_ = nullptr;
   VisionTowerWeights vision_w_, vision_g_;
   TextWeights text_w_, text_g_;
 };

@@ -1,33 +1,93 @@
-// ParamStore: parameters of a model in one arena in model_param_specs order, looked up by HF key.
+// ParamStore: parameters of a model in one lazily committed anonymous mapping in model_param_specs order,
+// FSDP units page-aligned, looked up by HF key.
 #include "core/model/param_store.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "core/arena.h"
 #include "core/check.h"
 #include "core/rng.h"
 
 namespace q3vl {
 
-size_t ParamStore::bytes(const ModelConfig& config, DType dtype) {
+namespace {
+
+size_t page_size() {
+  static const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  return page;
+}
+
+size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+
+// Byte offset of every tensor, and [begin, end) of every unit, in a store of `dtype`.
+struct StoreLayout {
+  std::vector<size_t> tensor_offset, unit_begin, unit_end;
   size_t total = 0;
-  for (const ParamSpec& s : model_param_specs(config))
-    total += Arena::aligned(static_cast<size_t>(s.numel()) * dtype_size(dtype));
-  return total;
+};
+
+StoreLayout store_layout(const std::vector<ParamSpec>& specs, const std::vector<ParamUnit>& units, DType dtype) {
+  StoreLayout l;
+  l.tensor_offset.resize(specs.size());
+  size_t at = 0;
+  for (const ParamUnit& u : units) {
+    at = round_up(at, page_size());
+    l.unit_begin.push_back(at);
+    for (size_t i = u.first_spec; i < u.end_spec; ++i) {
+      l.tensor_offset[i] = at;
+      at += Arena::aligned(static_cast<size_t>(specs[i].numel()) * dtype_size(dtype));
+    }
+    l.unit_end.push_back(at);
+  }
+  l.total = round_up(at, page_size());
+  return l;
+}
+
+}  // namespace
+
+size_t ParamStore::bytes(const ModelConfig& config, DType dtype) {
+  return store_layout(model_param_specs(config), param_units(config), dtype).total;
 }
 
 ParamStore::ParamStore(const ModelConfig& config, DType dtype, const std::string& name)
-    : dtype_(dtype), specs_(model_param_specs(config)) {
+    : name_(name), dtype_(dtype), specs_(model_param_specs(config)), units_(param_units(config)) {
   Q3VL_CHECK(dtype == DType::f32 || dtype == DType::f64, "ParamStore '", name, "': dtype ", dtype_name(dtype),
              " is not f32 or f64");
-  arena_ = std::make_unique<Arena>(name, bytes(config, dtype));
+  const StoreLayout l = store_layout(specs_, units_, dtype);
+  unit_begin_ = l.unit_begin;
+  unit_end_ = l.unit_end;
+  mapped_ = l.total;
+  if (mapped_ > 0) {
+    base_ = mmap(nullptr, mapped_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    Q3VL_CHECK(base_ != MAP_FAILED, "ParamStore '", name, "': cannot map ", mapped_, " bytes: ", std::strerror(errno));
+    // Small pages, so that discarding a unit returns exactly its pages.
+    madvise(base_, mapped_, MADV_NOHUGEPAGE);
+  }
   tensors_.reserve(specs_.size());
   for (size_t i = 0; i < specs_.size(); ++i) {
-    tensors_.push_back(Tensor::empty(*arena_, specs_[i].shape, dtype));
+    tensors_.emplace_back(static_cast<char*>(base_) + l.tensor_offset[i], dtype, specs_[i].shape);
     index_.emplace(specs_[i].hf_key, i);
   }
 }
 
+ParamStore::~ParamStore() {
+  if (base_ != nullptr) munmap(base_, mapped_);
+}
+
+void ParamStore::discard_unit(size_t unit) {
+  Q3VL_CHECK(unit < units_.size(), "ParamStore '", name_, "': no unit ", unit);
+  const size_t begin = unit_begin_[unit], end = round_up(unit_end_[unit], page_size());
+  if (end > begin)
+    Q3VL_CHECK(madvise(static_cast<char*>(base_) + begin, end - begin, MADV_DONTNEED) == 0, "ParamStore '", name_,
+               "': cannot discard unit '", units_[unit].name, "': ", std::strerror(errno));
+}
+
 const Tensor& ParamStore::at(std::string_view hf_key) const {
   const auto it = index_.find(std::string(hf_key));
-  Q3VL_CHECK(it != index_.end(), "ParamStore '", arena_->name(), "': no parameter '", hf_key, "'");
+  Q3VL_CHECK(it != index_.end(), "ParamStore '", name_, "': no parameter '", hf_key, "'");
   return tensors_[it->second];
 }
 
@@ -43,8 +103,12 @@ void ParamStore::fill_zero() {
   for (const Tensor& t : tensors_) fill(t, 0.0);
 }
 
-void ParamStore::init(uint64_t seed, double std) {
-  for (size_t i = 0; i < tensors_.size(); ++i) {
+void ParamStore::init(uint64_t seed, double std) { init(seed, std, 0, tensors_.size()); }
+
+void ParamStore::init(uint64_t seed, double std, size_t first, size_t end) {
+  Q3VL_CHECK(first <= end && end <= tensors_.size(), "ParamStore '", name_, "': init range [", first, ", ", end,
+             ") outside ", tensors_.size(), " tensors");
+  for (size_t i = first; i < end; ++i) {
     switch (specs_[i].kind) {
       case ParamKind::embedding:
       case ParamKind::matrix:

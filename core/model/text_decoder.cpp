@@ -219,7 +219,9 @@ void decoder_layer_forward(const ModelConfig& config, int layer, const DecoderLa
   if (w.moe) {
     s.stats.counts = Tensor::empty(acts, {c.num_experts}, DType::i64);
     s.stats.prob_sum = Tensor::empty(acts, {c.num_experts}, DType::f64);
-    moe_forward(text_moe_config(c), w.experts, s.normed2, ctx.valid, acts, s.moe, s.h_out, s.stats);
+    MoeConfig mcfg = text_moe_config(c);
+    mcfg.exchange = ctx.expert_exchange;
+    moe_forward(mcfg, w.experts, s.normed2, ctx.valid, acts, s.moe, s.h_out, s.stats);
   } else {
     const int64_t inter = c.intermediate_size;
     s.gate_up = Tensor::empty(acts, {n, 2 * inter}, dt);
@@ -249,7 +251,9 @@ void decoder_layer_backward(const ModelConfig& config, int layer, const DecoderL
   const Tensor d_tmp = Tensor::empty(scratch, {n, h}, dt);
   // h_out = h_mid + mlp(normed2).
   if (w.moe) {
-    moe_backward(text_moe_config(c), w.experts, s.normed2, ctx.valid, s.moe, dh, aux_dprob, d_normed, g.experts,
+    MoeConfig mcfg = text_moe_config(c);
+    mcfg.exchange = ctx.expert_exchange;
+    moe_backward(mcfg, w.experts, s.normed2, ctx.valid, s.moe, dh, aux_dprob, d_normed, g.experts,
                  scratch);
   } else {
     const int64_t inter = c.intermediate_size;

@@ -42,6 +42,7 @@ struct TextContext {
   Tensor cu_seqlens;  // i64 [D + 1] documents over the N tokens
   Tensor doc_real;    // i64 [D] real tokens at the start of each document; the rest is padding
   Tensor valid;       // u8 [N] 1 = real token
+  ExpertExchange* expert_exchange = nullptr;  // expert parallelism of the MoE layers (moe.h), or none
 };
 
 struct DecoderLayerSaved {

@@ -222,7 +222,7 @@ size_t vision_tower_scratch_bytes(const VisionConfig& c, const VisionShape& s, D
 
 void vision_tower_forward(const VisionConfig& c, const VisionTowerWeights& w, const Tensor& image_pixels,
                           const Tensor& video_pixels, const Tensor& grid, Arena& acts, Arena& scratch,
-                          VisionTowerState& st) {
+                          VisionTowerState& st, const VisionBlockCalls& calls) {
   const char* L = "vision_tower_forward";
   const int64_t patches = check_grid(L, c, grid);
   const DType dt = w.patch_w.dtype();
@@ -286,6 +286,7 @@ void vision_tower_forward(const VisionConfig& c, const VisionTowerWeights& w, co
   const AttentionConfig acfg = attention_config(c);
   size_t tap = 0;
   for (int b = 0; b < c.depth; ++b) {
+    if (calls.before) calls.before(b);
     VisionBlockSaved& s = st.blocks[b];
     const VisionBlockWeights& bw = w.blocks[b];
     s.x_in = x;
@@ -307,6 +308,7 @@ void vision_tower_forward(const VisionConfig& c, const VisionTowerWeights& w, co
     s.x_out = Tensor::empty(acts, {patches, d}, dt);
     linear_forward(s.act, bw.fc2_w, bw.fc2_b, s.x_out);
     add_into(s.x_out, s.x_mid);
+    if (calls.after) calls.after(b);
     x = s.x_out;
     if (tap < st.tap_merger.size() && c.deepstack_visual_indexes[st.tap_merger[tap]] == b) {
       const int k = st.tap_merger[tap];
@@ -321,7 +323,7 @@ void vision_tower_forward(const VisionConfig& c, const VisionTowerWeights& w, co
 
 void vision_tower_backward(const VisionConfig& c, const VisionTowerWeights& w, const VisionTowerState& st,
                            const Tensor& d_embeds, std::span<const Tensor> d_deepstack,
-                           const VisionTowerWeights& grads, Arena& scratch) {
+                           const VisionTowerWeights& grads, Arena& scratch, const VisionBlockCalls& calls) {
   const char* L = "vision_tower_backward";
   const DType dt = w.patch_w.dtype();
   const int64_t patches = st.pos_idx.size(0), d = c.hidden_size, inter = c.intermediate_size;
@@ -342,6 +344,7 @@ void vision_tower_backward(const VisionConfig& c, const VisionTowerWeights& w, c
   const AttentionConfig acfg = attention_config(c);
   int tap = static_cast<int>(st.tap_merger.size()) - 1;
   for (int b = c.depth - 1; b >= 0; --b) {
+    if (calls.before) calls.before(b);
     const VisionBlockSaved& s = st.blocks[b];
     const VisionBlockWeights& bw = w.blocks[b];
     const VisionBlockWeights& bg = grads.blocks[b];
@@ -363,6 +366,7 @@ void vision_tower_backward(const VisionConfig& c, const VisionTowerWeights& w, c
                              scratch);
     layernorm_backward(s.x_in, bw.norm1_w, s.mean1, s.rstd1, d_ln, dx, bg.norm1_w, bg.norm1_b);
     add_into(dx, d_mid);
+    if (calls.after) calls.after(b);
   }
   vision_pos_embed_backward(st.pos_idx, st.pos_weight, dx, grads.pos_table);
   int64_t row = 0;

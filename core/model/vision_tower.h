@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <vector>
 
@@ -74,17 +75,24 @@ size_t vision_tower_activation_bytes(const VisionConfig& config, const VisionSha
 // Scratch-arena bytes of the forward (transient) and of the backward (released before returning).
 size_t vision_tower_scratch_bytes(const VisionConfig& config, const VisionShape& shape, DType dtype);
 
+// Called around each block's use (forward, and again in the backward) so that a sharded store can gather that
+// block's weights just in time (FSDP): before(b) first, after(b) once the block is done (after its backward,
+// its gradients are complete). Either may be empty.
+struct VisionBlockCalls {
+  std::function<void(int)> before, after;
+};
+
 // pixel_parts: up to two [P_i, patch_features] tensors (images, videos; undefined entries are skipped)
 // whose rows follow `grid` (i64 [items, 3]) in order. Fills `state`, outputs included.
 void vision_tower_forward(const VisionConfig& config, const VisionTowerWeights& w, const Tensor& image_pixels,
                           const Tensor& video_pixels, const Tensor& grid, Arena& acts, Arena& scratch,
-                          VisionTowerState& state);
+                          VisionTowerState& state, const VisionBlockCalls& calls = {});
 
 // d_embeds [M, out_hidden] and d_deepstack (one per tap, in state.deepstack order) are the gradients of
 // the outputs; parameter gradients accumulate into `grads`. The pixels get no gradient.
 void vision_tower_backward(const VisionConfig& config, const VisionTowerWeights& w, const VisionTowerState& state,
                            const Tensor& d_embeds, std::span<const Tensor> d_deepstack,
-                           const VisionTowerWeights& grads, Arena& scratch);
+                           const VisionTowerWeights& grads, Arena& scratch, const VisionBlockCalls& calls = {});
 
 // HF transformers 5.x get_vision_interpolation_indices_and_weights (bilinear, align_corners=True) for
 // the merge-block patch order, with its fp32 arithmetic: src = index * (G - 1) / max(size - 1, 1),

@@ -1,8 +1,9 @@
 // Parameter counts of every named flavor (jobs/flavors) against Hugging Face's num_parameters(), as
 // recorded by the pinned golden generator in tests/golden/hf_param_counts.json (counted on the meta device);
-// and `q3vl plan` for parallel layouts (the q3vl binary, Q3VL_CLI): its per-rank memory and communication
-// against a computation of the same model written here from the parameter list, 1/fsdp scaling of the
-// sharded states, refused layouts, and the 30B-A3B layouts of issue 6 printed.
+// and `q3vl plan` for parallel layouts (the q3vl binary, Q3VL_CLI; world = dp x fsdp x ep x tp): its per-rank
+// memory (app/plan_memory.h, images included) and communication against a computation of the same model written
+// here from the parameter list, 1/(fsdp x ep) scaling of the sharded states, refused layouts, and the 30B-A3B
+// layouts of issue 6 printed.
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
@@ -76,10 +77,11 @@ nlohmann::json plan_layout(const std::string& args) {
   return nlohmann::json::parse(run.output.substr(at, run.output.find('\n', at) - at));
 }
 
-// The layout model of app/plan_cmd.cpp, restated from its description over the parameter list.
+// The layout model of app/plan_memory.h and app/plan_cmd.cpp, restated from their descriptions over the
+// parameter list.
 struct Expected {
-  int64_t stored = 0, largest_unit = 0, allgather = 0, reduce_scatter = 0, alltoall = 0, tp_allreduce = 0,
-          dp_allreduce = 0;
+  int64_t stored = 0, largest_unit = 0, ep_buffers = 0, allgather = 0, reduce_scatter = 0, alltoall = 0,
+          tp_allreduce = 0, dp_allreduce = 0;
 };
 
 bool ends_with(const std::string& s, const std::string& tail) {
@@ -108,7 +110,9 @@ std::string unit_key(const ParamSpec& s) {
 
 Expected expected_layout(const ModelConfig& c, int64_t dp, int64_t fsdp, int64_t tp, int64_t ep, int64_t tokens) {
   const int64_t expert_split = ep > 1 ? ep : tp;  // whole experts under EP, FFN columns split by tp without
-  const int64_t expert_group = fsdp * tp / expert_split;
+  // Non-expert parameters are sharded over the fsdp x ep ranks of a tp index, a rank's experts over the fsdp
+  // ranks holding the same experts.
+  const int64_t dense_group = fsdp * ep, expert_group = fsdp;
   std::map<std::string, std::pair<int64_t, int64_t>> units;  // key -> (non-expert, expert) elements on a rank
   for (const ParamSpec& s : model_param_specs(c)) {
     auto& [dense, experts] = units[unit_key(s)];
@@ -119,16 +123,21 @@ Expected expected_layout(const ModelConfig& c, int64_t dp, int64_t fsdp, int64_t
   int64_t moved = 0;
   for (const auto& [key, unit] : units) {
     const auto [dense, experts] = unit;
-    const int64_t dense_shard = (dense + fsdp - 1) / fsdp, expert_shard = (experts + expert_group - 1) / expert_group;
+    const int64_t dense_shard = (dense + dense_group - 1) / dense_group;
+    const int64_t expert_shard = (experts + expert_group - 1) / expert_group;
     e.stored += dense_shard + expert_shard;
-    moved += (fsdp - 1) * dense_shard + (expert_group - 1) * expert_shard;
-    e.largest_unit = std::max(e.largest_unit, (fsdp > 1 ? dense : 0) + (expert_group > 1 ? experts : 0));
+    moved += (dense_group - 1) * dense_shard + (expert_group - 1) * expert_shard;
+    e.largest_unit = std::max(e.largest_unit, (dense_group > 1 ? dense : 0) + (expert_group > 1 ? experts : 0));
   }
   e.allgather = 8 * moved;
   e.reduce_scatter = 4 * moved;
   const int64_t h = c.text.hidden_size;
   for (int l = 0; l < c.text.num_hidden_layers; ++l) {
-    if (c.is_moe_layer(l)) e.alltoall += tokens * c.text.num_experts_per_tok * h * 16 * (ep - 1) / ep;
+    if (c.is_moe_layer(l)) {
+      e.alltoall += tokens * c.text.num_experts_per_tok * h * 16 * (ep - 1) / ep;
+      // Received rows kept for the backward: the input row and the gate and up outputs, fp32.
+      if (ep > 1) e.ep_buffers += tokens * c.text.num_experts_per_tok * (h + 2 * c.text.moe_intermediate_size) * 4;
+    }
     e.tp_allreduce += 4 * (tokens * h * 8 * (tp - 1) / tp);  // 2 forward + 2 backward
   }
   e.tp_allreduce += 2 * (tokens * h * 8 * (tp - 1) / tp);  // embedding output, lm_head input gradient
@@ -136,31 +145,44 @@ Expected expected_layout(const ModelConfig& c, int64_t dp, int64_t fsdp, int64_t
   return e;
 }
 
-void expect_layout(const std::string& model, int64_t dp, int64_t fsdp, int64_t tp, int64_t ep, int64_t tokens) {
+// One rank's micro-batch as `q3vl plan` describes it: one sequence of `tokens` tokens and `images` images of
+// `patches` patches (one frame each).
+BatchShape rank_batch(int64_t tokens, int64_t images, int64_t patches) {
+  BatchShape shape;
+  shape.batch = 1;
+  shape.seq = tokens;
+  shape.image_patches = images * patches;
+  shape.items = images;
+  shape.frames = images;
+  return shape;
+}
+
+void expect_layout(const std::string& model, int64_t dp, int64_t fsdp, int64_t tp, int64_t ep, int64_t tokens,
+                   int64_t images = 0, int64_t patches = 64) {
   SCOPED_TRACE(model + " dp " + std::to_string(dp) + " fsdp " + std::to_string(fsdp) + " tp " + std::to_string(tp) +
-               " ep " + std::to_string(ep));
+               " ep " + std::to_string(ep) + " images " + std::to_string(images));
   const ModelConfig c = io::load_model_config(model);
   const Expected e = expected_layout(c, dp, fsdp, tp, ep, tokens);
-  const nlohmann::json j = plan_layout("--model " + model + " --tokens " + std::to_string(tokens) + " --dp " +
-                                       std::to_string(dp) + " --fsdp " + std::to_string(fsdp) + " --tp " +
-                                       std::to_string(tp) + " --ep " + std::to_string(ep));
+  const nlohmann::json j = plan_layout(
+      "--model " + model + " --tokens " + std::to_string(tokens) + " --dp " + std::to_string(dp) + " --fsdp " +
+      std::to_string(fsdp) + " --tp " + std::to_string(tp) + " --ep " + std::to_string(ep) + " --images " +
+      std::to_string(images) + " --patches-per-image " + std::to_string(patches));
   ASSERT_TRUE(j.contains("weight_bytes"));
-  EXPECT_EQ(j.at("world").get<int64_t>(), dp * fsdp * tp);
+  EXPECT_EQ(j.at("world").get<int64_t>(), dp * fsdp * ep * tp);
+  EXPECT_EQ(j.at("data_parallel").get<int64_t>(), dp * fsdp * ep);
   EXPECT_EQ(j.at("stored_parameters").get<int64_t>(), e.stored);
   EXPECT_EQ(j.at("weight_bytes").get<int64_t>(), 4 * e.stored);
   EXPECT_EQ(j.at("grad_bytes").get<int64_t>(), 4 * e.stored);
   EXPECT_EQ(j.at("adamw_bytes").get<int64_t>(), 8 * e.stored);
   EXPECT_EQ(j.at("largest_unit_parameters").get<int64_t>(), e.largest_unit);
-  EXPECT_EQ(j.at("gathered_weight_bytes").get<int64_t>(), 8 * e.largest_unit);
-  EXPECT_EQ(j.at("gathered_grad_bytes").get<int64_t>(), 4 * e.largest_unit);
-  BatchShape shape;
-  shape.batch = 1;
-  shape.seq = tokens;
+  EXPECT_EQ(j.at("gathered_bytes").get<int64_t>(), (2 * 4 + 4) * e.largest_unit);  // 2 x weights + gradients
+  const BatchShape shape = rank_batch(tokens, images, patches);
   const auto acts = static_cast<int64_t>(Workspace::activation_bytes(c, shape, DType::f32));
   const auto scratch = static_cast<int64_t>(Workspace::scratch_bytes(c, shape, DType::f32));
   EXPECT_EQ(j.at("activation_bytes").get<int64_t>(), acts);
   EXPECT_EQ(j.at("scratch_bytes").get<int64_t>(), scratch);
-  EXPECT_EQ(j.at("total_bytes").get<int64_t>(), 16 * e.stored + 12 * e.largest_unit + acts + scratch);
+  EXPECT_EQ(j.at("ep_buffer_bytes").get<int64_t>(), e.ep_buffers);
+  EXPECT_EQ(j.at("total_bytes").get<int64_t>(), 16 * e.stored + 12 * e.largest_unit + acts + scratch + e.ep_buffers);
   EXPECT_EQ(j.at("fsdp_allgather_bytes").get<int64_t>(), e.allgather);
   EXPECT_EQ(j.at("fsdp_reduce_scatter_bytes").get<int64_t>(), e.reduce_scatter);
   EXPECT_EQ(j.at("ep_alltoall_bytes").get<int64_t>(), e.alltoall);
@@ -173,11 +195,57 @@ void expect_layout(const std::string& model, int64_t dp, int64_t fsdp, int64_t t
 TEST(PlanLayout, TinyMoeLayoutsMatchTheModelComputedFromTheParameterList) {
   expect_layout("tiny-moe", 1, 2, 1, 1, 96);
   expect_layout("tiny-moe", 1, 2, 1, 2, 96);
-  expect_layout("tiny-moe", 1, 4, 1, 2, 100);  // expert groups of 2 ranks; tokens x hidden not a multiple of 3
+  expect_layout("tiny-moe", 1, 1, 1, 2, 96);   // EP alone: experts not sharded, non-expert parameters over 2
+  expect_layout("tiny-moe", 1, 4, 1, 2, 100);  // 8 ranks; tokens x hidden not a multiple of 3
   expect_layout("tiny-moe", 1, 1, 2, 1, 64);   // TP alone: experts split by columns
-  expect_layout("tiny-moe", 2, 2, 2, 2, 128);  // 8 ranks: every kind of traffic
+  expect_layout("tiny-moe", 1, 2, 2, 2, 64);   // TP with EP: whole experts, the same on both tp ranks
+  expect_layout("tiny-moe", 2, 2, 2, 2, 128);  // 16 ranks: every kind of traffic
   expect_layout("tiny-moe", 3, 3, 1, 1, 50);   // shards padded (odd fsdp), dp all-reduce 2 x 2/3
-  expect_layout("tiny-dense", 1, 2, 2, 1, 64);
+  expect_layout("tiny-moe", 1, 3, 1, 2, 50);   // padded over a 6-rank non-expert group
+  expect_layout("tiny-dense", 1, 2, 2, 1, 64);  // tied lm_head: the token embedding
+}
+
+TEST(PlanMemory, TinyMoeWithAnImageMatchesTheModelComputedFromTheParameterList) {
+  // One 8 x 8-patch image (16 placeholder tokens) in a sequence of 128 or 77 tokens (all sizes here are exact
+  // integers, so the comparison is exact).
+  for (const int64_t tokens : {128, 77}) {
+    expect_layout("tiny-moe", 1, 2, 1, 1, tokens, 1, 64);
+    expect_layout("tiny-moe", 1, 1, 1, 2, tokens, 1, 64);
+    expect_layout("tiny-moe", 1, 2, 1, 2, tokens, 1, 64);
+    expect_layout("tiny-moe", 1, 2, 1, 2, tokens, 2, 16);  // two images of 4 x 4 patches
+  }
+  // The image is counted: the vision tower's activations and scratch come on top of the text's.
+  const ModelConfig c = io::load_model_config("tiny-moe");
+  const nlohmann::json with = plan_layout("--model tiny-moe --tokens 128 --fsdp 2 --ep 2 --images 1 "
+                                          "--patches-per-image 64");
+  const nlohmann::json without = plan_layout("--model tiny-moe --tokens 128 --fsdp 2 --ep 2");
+  EXPECT_GT(with.at("activation_bytes").get<int64_t>(), without.at("activation_bytes").get<int64_t>());
+  EXPECT_EQ(without.at("activation_bytes").get<int64_t>(),
+            static_cast<int64_t>(Workspace::activation_bytes(c, rank_batch(128, 0, 0), DType::f32)));
+}
+
+TEST(PlanMemory, TinyMoeAtFsdp2ByEp2ByHand) {
+  // tiny-moe on fsdp 2 x ep 2 (4 ranks, tp 1): 4 of 8 experts per rank, sharded over the 2 fsdp ranks holding
+  // them; everything else sharded over all 4. Elements per unit before sharding:
+  //   vision embeddings: patch embedding 32 x 1536 + 32, position table 2304 x 32: 122912 -> 30728
+  //   vision block: 2 LayerNorms (4 x 32), qkv 96 x 32 + 96, proj 32 x 32 + 32, fc1 64 x 32 + 64,
+  //     fc2 32 x 64 + 32: 8544 -> 2136, 4 blocks 8544
+  //   vision mergers: 24832 + 3 x 25024 = 99904 -> 24976
+  //   token embedding: 151936 x 64 = 9723904 -> 2430976
+  //   text layer: norms 64 + 64 + 16 + 16, q, o 64 x 64, k, v 32 x 64, router 8 x 64: 12960 -> 3240; experts
+  //     4 x (64 x 96 + 48 x 64) = 36864 -> 18432; 4 layers 86688
+  //   final norm + lm_head: 64 + 9723904 = 9723968 -> 2430992
+  const int64_t stored = 30728 + 8544 + 24976 + 2430976 + 86688 + 2430992;
+  const nlohmann::json j = plan_layout("--model tiny-moe --tokens 128 --fsdp 2 --ep 2 --images 1 "
+                                       "--patches-per-image 64");
+  EXPECT_EQ(j.at("world").get<int64_t>(), 4);
+  EXPECT_EQ(j.at("stored_parameters").get<int64_t>(), stored);
+  EXPECT_EQ(j.at("weight_bytes").get<int64_t>(), 4 * stored);
+  EXPECT_EQ(j.at("adamw_bytes").get<int64_t>(), 8 * stored);
+  EXPECT_EQ(j.at("largest_unit").get<std::string>(), "final norm + lm_head");
+  EXPECT_EQ(j.at("gathered_bytes").get<int64_t>(), 12 * 9723968);
+  // 4 MoE layers x 128 tokens x top-2 x (64 + 2 x 48) x 4 B.
+  EXPECT_EQ(j.at("ep_buffer_bytes").get<int64_t>(), 4 * 128 * 2 * 160 * 4);
 }
 
 TEST(PlanLayout, TinyMoeAtTp2ByHand) {
@@ -198,8 +266,10 @@ TEST(PlanLayout, TinyMoeAtTp2ByHand) {
   // TP all-reduce: (4 x 4 layers + 2) x 64 tokens x 64 hidden x 4 B x 2 x (2-1)/2.
   EXPECT_EQ(tp2.at("tp_allreduce_bytes").get<int64_t>(), 18 * 64 * 64 * 4);
 
-  // fsdp 2 x tp 2 x ep 2: 4 of 8 experts per rank; the largest gathered unit is lm_head + final norm.
+  // fsdp 2 x ep 2 x tp 2 (8 ranks): 4 of 8 experts per rank; the largest gathered unit is lm_head + final norm.
   const nlohmann::json ep2 = plan_layout("--model tiny-moe --tokens 64 --fsdp 2 --tp 2 --ep 2");
+  EXPECT_EQ(ep2.at("world").get<int64_t>(), 8);
+  EXPECT_EQ(ep2.at("data_parallel").get<int64_t>(), 4);
   EXPECT_EQ(ep2.at("experts_per_rank").get<int64_t>(), 4);
   EXPECT_EQ(ep2.at("largest_unit").get<std::string>(), "final norm + lm_head");
   EXPECT_EQ(ep2.at("largest_unit_parameters").get<int64_t>(), 4861952 + 64);
@@ -212,14 +282,15 @@ TEST(PlanLayout, OneRankIsTheSingleRankPlan) {
   const nlohmann::json j = plan_layout("--model tiny-moe --tokens 32");
   EXPECT_EQ(j.at("weight_bytes").get<int64_t>(), 4 * count_parameters(c));
   EXPECT_EQ(j.at("adamw_bytes").get<int64_t>(), 8 * count_parameters(c));
-  EXPECT_EQ(j.at("gathered_weight_bytes").get<int64_t>(), 0);
+  EXPECT_EQ(j.at("gathered_bytes").get<int64_t>(), 0);
+  EXPECT_EQ(j.at("ep_buffer_bytes").get<int64_t>(), 0);
   EXPECT_EQ(j.at("comm_bytes").get<int64_t>(), 0);
 }
 
-TEST(PlanLayout, ShardedStatesScaleAsOneOverFsdp) {
-  // fsdp x (per-rank shard) exceeds the whole model only by the padding of each unit's shards: a part of n
-  // elements split s ways pads by at most s - 1 elements, and with ep > 1 the expert part is padded within
-  // each of the ep expert groups of fsdp / ep ranks, again under fsdp elements per unit.
+TEST(PlanLayout, ShardedStatesScaleAsOneOverFsdpTimesEp) {
+  // fsdp x ep x (per-rank shard) exceeds the whole model only by the padding of each unit's shards: the
+  // non-expert part split over fsdp x ep ranks pads by at most fsdp x ep - 1 elements, and the expert part is
+  // padded within each of the ep expert groups of fsdp ranks, by at most ep x (fsdp - 1) elements in all.
   for (const auto& [model, ep] : {std::pair<std::string, int64_t>{"tiny-moe", 1}, {"tiny-moe", 2}, {"30B-A3B", 1},
                                   {"30B-A3B", 8}}) {
     const ModelConfig c = io::load_model_config(model);
@@ -231,9 +302,10 @@ TEST(PlanLayout, ShardedStatesScaleAsOneOverFsdp) {
       SCOPED_TRACE(model + " fsdp " + std::to_string(fsdp) + " ep " + std::to_string(ep));
       const nlohmann::json j = plan_layout("--model " + model + " --tokens 16 --fsdp " + std::to_string(fsdp) +
                                            " --ep " + std::to_string(ep));
-      const int64_t stored = j.at("stored_parameters").get<int64_t>();
-      EXPECT_GE(fsdp * stored, total);
-      EXPECT_LE(fsdp * stored, total + 2 * units * (fsdp - 1));
+      const int64_t stored = j.at("stored_parameters").get<int64_t>(), ranks = fsdp * ep;
+      EXPECT_EQ(j.at("world").get<int64_t>(), ranks);
+      EXPECT_GE(ranks * stored, total);
+      EXPECT_LE(ranks * stored, total + 2 * units * (ranks - 1));
       EXPECT_EQ(j.at("weight_bytes").get<int64_t>(), 4 * stored);
       EXPECT_EQ(j.at("grad_bytes").get<int64_t>(), 4 * stored);
       EXPECT_EQ(j.at("adamw_bytes").get<int64_t>(), 8 * stored);
@@ -258,7 +330,7 @@ void expect_refused(const std::string& args, const std::string& message) {
 }
 
 TEST(PlanLayout, InvalidLayoutsAreErrorsNamingTheConstraint) {
-  expect_refused("--model tiny-moe --fsdp 2 --ep 4", "--ep 4 must divide fsdp x tp = 2");
+  expect_refused("--model tiny-moe --ep 16", "--ep 16 must divide num_experts = 8");
   expect_refused("--model tiny-moe --fsdp 6 --ep 3", "--ep 3 must divide num_experts = 8");
   expect_refused("--model tiny-dense --fsdp 2 --ep 2", "--ep 2 needs an MoE model");
   expect_refused("--model tiny-moe --tp 3", "--tp 3 must divide num_attention_heads = 4");
@@ -266,6 +338,10 @@ TEST(PlanLayout, InvalidLayoutsAreErrorsNamingTheConstraint) {
   expect_refused("--model 30B-A3B --tp 8", "--tp 8 must divide num_key_value_heads = 4");
   expect_refused("--model tiny-moe --fsdp 0", "--fsdp expects an integer >= 1");
   expect_refused("--model tiny-moe --dp two", "--dp expects an integer >= 1");
+  expect_refused("--model tiny-moe --images -1", "--images expects an integer >= 0");
+  expect_refused("--model tiny-moe --images 1 --patches-per-image 6", "--patches-per-image 6 must be a multiple of 4");
+  expect_refused("--model tiny-moe --tokens 100 --images 2 --patches-per-image 256",
+                 "128 image tokens do not fit in --tokens 100");
 
   TempDir dir;
   tiny_moe_with(dir, "text_config", "moe_intermediate_size", 51);
@@ -291,15 +367,20 @@ TEST(PlanLayout, InvalidLayoutsAreErrorsNamingTheConstraint) {
 }
 
 TEST(PlanLayout, ThirtyBA3BLayoutsOfIssue6) {
-  // Printed for the notes; the bounds below are the 1/16 and 1/64 shares of 31070754032 parameters.
+  // "FSDP 16 x EP 8" and "FSDP 64 x EP 8" at 4096 tokens per rank: 128 and 512 ranks, each its own token
+  // stream. Printed for the notes, and checked against the computation from the parameter list; the bound
+  // below is the 1/128 or 1/512 share of 31070754032 parameters.
   for (int64_t fsdp : {16, 64}) {
     const CliRun run = run_q3vl("plan --model 30B-A3B --tokens 4096 --fsdp " + std::to_string(fsdp) + " --ep 8");
     ASSERT_EQ(run.exit_code, 0) << run.output;
     std::cout << run.output;
+    expect_layout("30B-A3B", 1, fsdp, 1, 8, 4096);
     const nlohmann::json j = plan_layout("--model 30B-A3B --tokens 4096 --fsdp " + std::to_string(fsdp) + " --ep 8");
+    EXPECT_EQ(j.at("world").get<int64_t>(), fsdp * 8);
+    EXPECT_EQ(j.at("data_parallel").get<int64_t>(), fsdp * 8);
     EXPECT_EQ(j.at("experts_per_rank").get<int64_t>(), 16);
     EXPECT_EQ(j.at("largest_unit").get<std::string>(), "final norm + lm_head");
-    EXPECT_GE(j.at("stored_parameters").get<int64_t>(), 31070754032 / fsdp);
+    EXPECT_GE(j.at("stored_parameters").get<int64_t>(), 31070754032 / (fsdp * 8));
     // EP all-to-all: 48 MoE layers x 4096 tokens x top-8 x 2048 hidden x 4 B x 4 x 7/8.
     EXPECT_EQ(j.at("ep_alltoall_bytes").get<int64_t>(), int64_t{48} * 4096 * 8 * 2048 * 4 * 4 * 7 / 8);
   }

@@ -1,27 +1,37 @@
 // q3vl_compare_runs RUN_A RUN_B --rtol X: the distributed-equivalence check of CTest. Two `q3vl train` output
 // folders: every step B logged (a resumed run logs only its own) must be a step of A with a loss equal within X
-// relative (metrics.jsonl) and, in their newest
-// complete checkpoints, all parameters together within X relative L2 (||a - b|| / ||a||). Each tensor alone must
-// be within 10 X: AdamW's update m / sqrt(v) does not depend on the gradient's scale, so for a tensor whose
-// gradient is almost zero (the LayerNorm biases of the mergers start at 0 and barely move) the fp32 summation
-// order differences of the gradient become relative differences of the update of that same size (~1e-5 after
-// 5 steps here), while the whole parameter vector agrees to ~1e-8. Prints the worst differences; exit 1 when a
-// bound is exceeded or the runs do not line up.
+// relative (metrics.jsonl) and, in their newest complete checkpoints (whole-tensor or sharded, any layout), all
+// parameters together within X relative L2 (||a - b|| / ||a||). Each tensor alone must be within 10 X: AdamW's
+// update m / sqrt(v) does not depend on the gradient's scale, so for a tensor whose gradient is almost zero (the
+// LayerNorm biases of the mergers start at 0 and barely move) the fp32 summation order differences of the
+// gradient become relative differences of the update of that same size (~1e-5 after 5 steps here), while the
+// whole parameter vector agrees to ~1e-8. Prints the worst differences; exit 1 when a bound is exceeded or the
+// runs do not line up.
+//
+// q3vl_compare_runs RUN RUN --export-of-b: RUN's HF export (RUN/hf, f32) must hold exactly the parameters of
+// RUN's newest checkpoint (a sharded run gathers its export unit by unit).
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
 #include "core/check.h"
+#include "core/model/param_specs.h"
+#include "io/hf_config.h"
 #include "io/safetensors.h"
+#include "io/sharded_checkpoint.h"
 #include "io/train_checkpoint.h"
 
 namespace {
 
+namespace fs = std::filesystem;
 using q3vl::Tensor;
+using Field = q3vl::io::CheckpointReader::Field;
 
 std::map<int64_t, double> step_losses(const std::string& run) {
   std::ifstream in(run + "/metrics.jsonl");
@@ -35,11 +45,47 @@ std::map<int64_t, double> step_losses(const std::string& run) {
   return losses;
 }
 
+// The model config a checkpoint folder was written with (sharded: config.json; whole-tensor: model/config.json).
+q3vl::ModelConfig checkpoint_config(const std::string& dir) {
+  const fs::path sharded = fs::path(dir) / "config.json";
+  return q3vl::io::load_model_config(fs::exists(sharded) ? sharded.string() : (fs::path(dir) / "model/config.json").string());
+}
+
+std::vector<float> read_param(const q3vl::io::CheckpointReader& r, const q3vl::ParamSpec& s) {
+  std::vector<float> v(static_cast<size_t>(s.numel()));
+  r.read(s.hf_key, Field::param, 0, s.numel(), v.data());
+  return v;
+}
+
+int export_check(const std::string& run) {
+  const auto c = q3vl::io::latest_complete_checkpoint(run + "/checkpoints");
+  Q3VL_CHECK(c, "compare_runs: ", run, " has no complete checkpoint");
+  const q3vl::ModelConfig config = checkpoint_config(c->path);
+  const q3vl::io::CheckpointReader reader(c->path, config);
+  const q3vl::io::SafetensorsDir hf(run + "/hf");
+  size_t differing = 0, tensors = 0;
+  for (const q3vl::ParamSpec& s : q3vl::model_param_specs(config)) {
+    const std::vector<float> want = read_param(reader, s);
+    std::vector<float> got(want.size());
+    hf.read(s.hf_key, Tensor(got.data(), q3vl::DType::f32, s.shape));
+    ++tensors;
+    if (got != want) {
+      ++differing;
+      std::printf("differs: %s\n", s.hf_key.c_str());
+    }
+  }
+  std::printf("%zu tensors, %zu differ\n", tensors, differing);
+  if (differing == 0) std::printf("export equals the checkpoint\n");
+  return differing == 0 ? 0 : 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   try {
-    Q3VL_CHECK(argc == 5 && std::string(argv[3]) == "--rtol", "usage: q3vl_compare_runs RUN_A RUN_B --rtol X");
+    if (argc == 4 && std::string(argv[3]) == "--export-of-b") return export_check(argv[2]);
+    Q3VL_CHECK(argc == 5 && std::string(argv[3]) == "--rtol",
+               "usage: q3vl_compare_runs RUN_A RUN_B --rtol X | q3vl_compare_runs RUN RUN --export-of-b");
     const std::string a = argv[1], b = argv[2];
     const double rtol = std::stod(argv[4]);
     bool ok = true;
@@ -59,18 +105,15 @@ int main(int argc, char** argv) {
     const auto ca = q3vl::io::latest_complete_checkpoint(a + "/checkpoints");
     const auto cb = q3vl::io::latest_complete_checkpoint(b + "/checkpoints");
     Q3VL_CHECK(ca && cb && ca->step == cb->step, "compare_runs: the runs have no complete checkpoints of the same step");
-    const q3vl::io::SafetensorsDir wa(ca->path + "/model"), wb(cb->path + "/model");
-    Q3VL_CHECK(wa.keys() == wb.keys(), "compare_runs: the checkpoints hold different tensors");
+    const q3vl::ModelConfig config = checkpoint_config(ca->path);
+    const q3vl::io::CheckpointReader ra(ca->path, config), rb(cb->path, config);
+    std::printf("checkpoints: %s (%s), %s (%s)\n", ca->path.c_str(), ra.sharded() ? "sharded" : "whole tensors",
+                cb->path.c_str(), rb.sharded() ? "sharded" : "whole tensors");
     double worst_param = 0, total_diff = 0, total_norm = 0;
     std::string worst_key;
-    for (const std::string& key : wa.keys()) {
-      const q3vl::io::StTensorInfo& ia = wa.info(key);
-      std::vector<float> va(static_cast<size_t>(ia.numel())), vb(va.size());
-      q3vl::Shape shape;
-      shape.ndim = static_cast<int>(ia.shape.size());
-      for (size_t d = 0; d < ia.shape.size(); ++d) shape.dims[d] = ia.shape[d];
-      wa.read(key, Tensor(va.data(), q3vl::DType::f32, shape));
-      wb.read(key, Tensor(vb.data(), q3vl::DType::f32, shape));
+    const std::vector<q3vl::ParamSpec> specs = q3vl::model_param_specs(config);
+    for (const q3vl::ParamSpec& s : specs) {
+      const std::vector<float> va = read_param(ra, s), vb = read_param(rb, s);
       double diff = 0, norm = 0;
       for (size_t i = 0; i < va.size(); ++i) {
         diff += (double(va[i]) - vb[i]) * (double(va[i]) - vb[i]);
@@ -81,13 +124,13 @@ int main(int argc, char** argv) {
       const double rel = diff == 0 ? 0 : std::sqrt(diff / norm);
       if (rel > worst_param) {
         worst_param = rel;
-        worst_key = key;
+        worst_key = s.hf_key;
       }
     }
     const double total = total_diff == 0 ? 0 : std::sqrt(total_diff / total_norm);
     std::printf("parameters at step %lld (%zu tensors): relative L2 difference %.3g (bound %.3g); worst tensor %.3g%s%s "
                 "(bound %.3g)\n",
-                static_cast<long long>(ca->step), wa.keys().size(), total, rtol, worst_param,
+                static_cast<long long>(ca->step), specs.size(), total, rtol, worst_param,
                 worst_key.empty() ? "" : " in ", worst_key.c_str(), 10 * rtol);
     ok = ok && total <= rtol && worst_param <= 10 * rtol;
     std::printf("%s\n", ok ? "equivalent" : "NOT equivalent");

@@ -1,0 +1,97 @@
+// ShardedParams: FSDP (ZeRO-3) parameter and gradient sharding for a Model, implemented as the model's
+// ParamUnitHooks over the process grid's communicators.
+//
+// Each FSDP unit (core/model/param_units.h) is cut into at most two flat groups: its non-expert tensors,
+// sharded over grid.shard() (fsdp x ep ranks), and this rank's experts (E/ep rows of each expert tensor; all
+// of them when ep = 1, where they join the first group), sharded over grid.expert_shard() (fsdp ranks). A
+// group of U elements over g ranks gives rank i the elements [i * c, min(U, (i + 1) * c)), c = ceil(U / g),
+// of the concatenation of its tensors (parts) in parameter order. The shards, their gradients and the
+// optimizer state are all this rank keeps; the model's full-size weight and gradient stores hold only the
+// units in use:
+//   acquire(u)          all-gathers u's groups into the weight store;
+//   release(u)          returns u's weight pages to the system;
+//   gradients_ready(u)  reduce-scatters u's gradients from the gradient store and adds this rank's part to
+//                       the gradient shard, then returns u's gradient pages (they read as zero again).
+// Gradient shards therefore accumulate over micro-batches; zero_grads() clears them at a step's start.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "core/model/model.h"
+#include "core/model/param_units.h"
+#include "parallel/process_grid.h"
+
+namespace q3vl::parallel {
+
+class ShardedParams final : public ParamUnitHooks {
+ public:
+  // Elements [offset, offset + numel) of flattened parameter `spec` (its index in model_param_specs) that this
+  // rank owns, with their place in the shards.
+  struct Piece {
+    size_t spec = 0;
+    int64_t offset = 0, numel = 0;
+    float* param = nullptr;
+    float* grad = nullptr;
+  };
+  struct Memory {
+    int64_t weight_shard = 0, grad_shard = 0;  // bytes of this rank's shards (padded chunks)
+    int64_t staging = 0;                       // collective buffers
+    int64_t gathered = 0, gathered_peak = 0;   // weight + gradient bytes of units materialised now / at most
+    int64_t largest_unit = 0;                  // bytes of the largest unit's local weights
+  };
+
+  // The model must be f32 and hold the grid's layout (ep must divide num_experts).
+  ShardedParams(Model& model, ProcessGrid& grid);
+  ShardedParams(const ShardedParams&) = delete;
+  ShardedParams& operator=(const ShardedParams&) = delete;
+
+  const std::vector<Piece>& pieces() const { return pieces_; }
+  // Fills the weight shards: read(spec, offset, numel, dst) must write those elements of that parameter.
+  void load(const std::function<void(size_t spec, int64_t offset, int64_t numel, float* dst)>& read);
+  // The model's deterministic initialisation (ParamStore::init), materialising one unit at a time.
+  void init(uint64_t seed, double std);
+  void zero_grads();
+  // Sums the gradient shards over `replicas` (the grid's replicate communicator: ranks holding the same shards).
+  void all_reduce_grads(Comm& replicas);
+  Memory memory() const { return memory_; }
+
+  // Materialises every unit in turn (all ranks, same order): `visit(u)` runs while unit u's weights are in
+  // the model's weight store (export).
+  void for_each_gathered_unit(const std::function<void(int unit)>& visit);
+
+  void acquire(int unit) override;
+  void release(int unit) override;
+  void gradients_ready(int unit) override;
+
+ private:
+  struct Part {
+    size_t spec = 0;
+    int64_t offset = 0, numel = 0;  // elements of the flattened parameter
+    float* weight = nullptr;        // their place in the model's weight and gradient stores
+    float* grad = nullptr;
+  };
+  struct Group {
+    std::vector<Part> parts;
+    Comm* comm = nullptr;
+    int64_t total = 0, chunk = 0, lo = 0, hi = 0;  // this rank's elements [lo, hi) of the group
+    size_t shard_at = 0;                           // its chunk's place in the shard buffers
+  };
+  struct Unit {
+    std::vector<Group> groups;
+    int64_t local_bytes = 0;  // weight bytes of this rank's parts (the store bytes a gather fills)
+    bool held = false;
+  };
+  void gather_group(const Group& g);
+  void add_gathered(int64_t bytes);
+
+  Model& model_;
+  std::vector<Unit> units_;
+  std::vector<float> weight_shard_, grad_shard_, staging_, received_;
+  std::vector<Piece> pieces_;
+  Memory memory_;
+};
+
+}  // namespace q3vl::parallel
