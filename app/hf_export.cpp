@@ -27,7 +27,9 @@ void export_hf(const std::string& dir, const Model& model, const HfExportOptions
   fs::create_directories(tmp, ec);
   Q3VL_CHECK(!ec, "export: cannot create '", tmp.string(), "': ", ec.message());
   try {
-    io::save_hf_model(tmp.string(), model, options.dtype, options.max_shard_bytes, options.before_write);
+    const io::WeightLookup whole = [&](const std::string& key) { return model.weights().at(key); };
+    io::save_hf_checkpoint(tmp.string(), model.config(), options.lookup ? options.lookup : whole, options.dtype,
+                           options.max_shard_bytes, options.before_write);
     if (!options.tokenizer_dir.empty()) {
       const fs::path src(options.tokenizer_dir);
       Q3VL_CHECK(fs::exists(src / "tokenizer.json"), "export.tokenizer: '", options.tokenizer_dir,

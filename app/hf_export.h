@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/model/model.h"
+#include "io/checkpoint.h"
 
 namespace q3vl::app {
 
@@ -18,6 +19,8 @@ struct HfExportOptions {
   std::string tokenizer_dir;                   // folder whose tokenizer files are copied (empty: none)
   // Runs just before each tensor is written (a sharded model gathers it into the weight store then).
   std::function<void(const std::string& key)> before_write;
+  // Where each tensor's values are read (whole, HF-shaped); default: the model's weight store.
+  io::WeightLookup lookup;
 };
 
 // The tokenizer/processor files copied from a tokenizer folder when present.

@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <ostream>
 #include <sstream>
@@ -32,6 +33,7 @@
 #include "parallel/process_grid.h"
 #include "parallel/self_comm.h"
 #include "parallel/sharded_params.h"
+#include "parallel/tensor_parallel_comm.h"
 
 namespace q3vl::app {
 
@@ -126,6 +128,12 @@ struct Trainer::Impl {
   // AdamW steps this rank's pieces; otherwise every rank holds the whole model (ZeRO-1 below).
   std::unique_ptr<parallel::ShardedParams> sharded;
   std::unique_ptr<ExpertExchange> expert_exchange;
+  std::unique_ptr<TensorParallel> tensor_parallel;
+  // The pieces the gradient norm sums: tensors replicated over tp ranks count on tp rank 0 only.
+  std::vector<OptimTensor> norm_tensors;
+  // Pieces of replicated tensors whose gradients are partial sums over the tp ranks (tp_layout.h).
+  std::vector<size_t> tp_partial_pieces;
+  std::vector<float> tp_partial_buffer;
   std::unique_ptr<io::Loader> loader;
   std::vector<OptimTensor> optim_tensors;  // every parameter, whole
   // Optimizer sharding over the data-parallel ranks (ZeRO-1): each tensor of n elements is cut into `size`
@@ -198,7 +206,6 @@ struct Trainer::Impl {
 void Trainer::Impl::build() {
   cfg.validate();
   const ParallelSection& par = cfg.parallel;
-  Q3VL_CHECK(par.tp == 1, "parallel.tp: tensor parallelism is not implemented yet (issue 6); use tp: 1");
   grid = std::make_unique<parallel::ProcessGrid>(comm, parallel::GridShape{par.dp, par.fsdp, par.ep, par.tp});
   // Output folder first: nothing is computed for a run that cannot write its results.
   if (root) require_writable_dir(cfg.output_dir, "output_dir");
@@ -215,8 +222,9 @@ void Trainer::Impl::build() {
   lo.state.seed = cfg.data.seed.value_or(cfg.train.seed);
   lo.sequences_per_batch = cfg.data.sequences_per_batch;
   lo.prefetch = cfg.data.prefetch;
-  lo.rank = comm.rank();
-  lo.world = comm.size();
+  // Tensor-parallel ranks share their sequences: the loader splits the data over the other dimensions.
+  lo.rank = grid->data().rank();
+  lo.world = grid->data().size();
   loader = std::make_unique<io::Loader>(lo);
   const io::Manifest& manifest = loader->manifest();
   Q3VL_CHECK(loader->batches_per_epoch() > 0, "data.dir: '", cfg.data.dir, "' holds ", loader->num_sequences(),
@@ -263,7 +271,8 @@ void Trainer::Impl::build_model() {
     mc = io::load_model_config(cfg.model.flavor ? *cfg.model.flavor : *cfg.model.config);
   }
   if (cfg.model.router_aux_loss_coef) mc.text.router_aux_loss_coef = *cfg.model.router_aux_loss_coef;
-  if (cfg.parallel.fsdp * cfg.parallel.ep == 1) {
+  const ParallelSection& par = cfg.parallel;
+  if (par.fsdp * par.ep * par.tp == 1) {
     if (loaded && !cfg.model.router_aux_loss_coef) {
       model = std::move(loaded);
       return;
@@ -276,19 +285,28 @@ void Trainer::Impl::build_model() {
     }
     return;
   }
-  model = std::make_unique<Model>(mc);
+  // With tensor parallelism the experts are split like a dense MLP unless expert parallelism holds them whole.
+  const TpLayout tp{par.tp, grid->tp_index(), par.ep == 1};
+  model = std::make_unique<Model>(mc, DType::f32, tp);
   sharded = std::make_unique<parallel::ShardedParams>(*model, *grid);
   if (loaded) {
+    const std::vector<ParamSpec>& specs = model->weights().specs();
     sharded->load([&](size_t spec, int64_t offset, int64_t numel, float* dst) {
-      std::copy_n(loaded->weights().tensor(spec).data<float>() + offset, numel, dst);
+      const float* whole = loaded->weights().tensor(spec).data<float>();
+      for (const TpRun& r : tp_global_runs(specs[spec], tp, offset, numel))
+        std::copy_n(whole + r.global_offset, r.numel, dst + (r.local_offset - offset));
     });
   } else {
     sharded->init(cfg.model.init_seed, mc.text.initializer_range);
   }
   model->set_param_hooks(sharded.get());
-  if (cfg.parallel.ep > 1) {
+  if (par.ep > 1) {
     expert_exchange = std::make_unique<parallel::CommExpertExchange>(grid->expert());
     model->set_expert_exchange(expert_exchange.get());
+  }
+  if (par.tp > 1) {
+    tensor_parallel = std::make_unique<parallel::CommTensorParallel>(grid->tp());
+    model->set_tensor_parallel(tensor_parallel.get());
   }
 }
 
@@ -309,8 +327,18 @@ void Trainer::Impl::build_optimizer(const AdamWOptions& ao) {
   };
   if (sharded) {
     // FSDP: AdamW steps exactly this rank's pieces of the shards.
-    for (const parallel::ShardedParams::Piece& p : sharded->pieces())
+    const TpLayout& tp = model->tp_layout();
+    const auto& pieces = sharded->pieces();
+    for (size_t i = 0; i < pieces.size(); ++i) {
+      const parallel::ShardedParams::Piece& p = pieces[i];
       shard_tensors.push_back(entry(p.spec, Tensor(p.param, DType::f32, {p.numel}), Tensor(p.grad, DType::f32, {p.numel})));
+      const ParamSpec& spec = model->weights().specs()[p.spec];
+      if (tp_split_dim(spec, tp) >= 0 || tp.rank == 0) norm_tensors.push_back(shard_tensors.back());
+      if (tp_partial_grad(spec, tp)) tp_partial_pieces.push_back(i);
+    }
+    size_t partial = 0;
+    for (const size_t i : tp_partial_pieces) partial += static_cast<size_t>(pieces[i].numel);
+    tp_partial_buffer.resize(partial);
     adamw = std::make_unique<AdamW>(shard_tensors, ao);
     return;
   }
@@ -394,9 +422,12 @@ void Trainer::Impl::load_checkpoint(const std::string& dir, std::string& trainer
     for (size_t i = 0; i < pieces.size(); ++i) {
       const parallel::ShardedParams::Piece& p = pieces[i];
       const std::string& key = specs[p.spec].hf_key;
-      reader.read(key, Field::param, p.offset, p.numel, p.param);
-      reader.read(key, Field::exp_avg, p.offset, p.numel, adamw->exp_avg(i).data<float>());
-      reader.read(key, Field::exp_avg_sq, p.offset, p.numel, adamw->exp_avg_sq(i).data<float>());
+      for (const TpRun& r : tp_global_runs(specs[p.spec], model->tp_layout(), p.offset, p.numel)) {
+        const int64_t at = r.local_offset - p.offset;
+        reader.read(key, Field::param, r.global_offset, r.numel, p.param + at);
+        reader.read(key, Field::exp_avg, r.global_offset, r.numel, adamw->exp_avg(i).data<float>() + at);
+        reader.read(key, Field::exp_avg_sq, r.global_offset, r.numel, adamw->exp_avg_sq(i).data<float>() + at);
+      }
     }
   } else {
     for (size_t i = 0; i < optim_tensors.size(); ++i) {
@@ -487,12 +518,21 @@ std::string Trainer::Impl::save_sharded_checkpoint() {
   comm.broadcast(tmp.data(), tmp.size(), 0);
   std::string entry;
   if (grid->dp_index() == 0) {
+    // Pieces in global coordinates: a tensor-parallel slice is several runs of the global tensor; tensors
+    // replicated over tp are written by tp rank 0 only.
     const std::vector<ParamSpec>& specs = model->weights().specs();
+    const TpLayout& tp = model->tp_layout();
     std::vector<io::ShardPiece> pieces;
     const auto& mine = sharded->pieces();
-    for (size_t i = 0; i < mine.size(); ++i)
-      pieces.push_back({specs[mine[i].spec].hf_key, mine[i].offset, mine[i].numel, mine[i].param,
-                        adamw->exp_avg(i).data<float>(), adamw->exp_avg_sq(i).data<float>()});
+    for (size_t i = 0; i < mine.size(); ++i) {
+      const ParamSpec& spec = specs[mine[i].spec];
+      if (tp_split_dim(spec, tp) < 0 && tp.rank != 0) continue;
+      for (const TpRun& r : tp_global_runs(spec, tp, mine[i].offset, mine[i].numel)) {
+        const int64_t at = r.local_offset - mine[i].offset;
+        pieces.push_back({spec.hf_key, r.global_offset, r.numel, mine[i].param + at, adamw->exp_avg(i).data<float>() + at,
+                          adamw->exp_avg_sq(i).data<float>() + at});
+      }
+    }
     entry = io::write_checkpoint_shard(tmp, grid->replica().rank(), pieces);
   }
   std::vector<std::string> entries = comm.gather_strings(entry, 0);
@@ -514,46 +554,71 @@ std::string Trainer::Impl::save_sharded_checkpoint() {
 }
 
 void Trainer::Impl::export_sharded(const std::string& dir, HfExportOptions options) {
-  // Rank 0 writes tensor by tensor; before a tensor of another unit it broadcasts that unit's index and every
-  // rank gathers it (in the same order everywhere), so no rank ever holds more than one unit. -1 ends.
+  // Rank 0 writes tensor by tensor. Before each tensor it broadcasts the tensor's index; every rank then gathers
+  // that tensor's unit if it is not the one held (FSDP, the same order everywhere, so no rank holds more than
+  // one unit) and the tensor-parallel ranks all-gather their slices, which rank 0 assembles into one staging
+  // tensor that the writer reads. -1 ends.
+  const std::vector<ParamSpec>& specs = model->weights().specs();
   const std::vector<ParamUnit>& units = model->units();
-  const auto unit_of = [&](const std::string& key) {
-    const std::vector<ParamSpec>& specs = model->weights().specs();
-    size_t spec = 0;
-    while (specs[spec].hf_key != key) ++spec;
-    int u = 0;
-    while (units[u].end_spec <= spec) ++u;
-    return u;
-  };
+  const TpLayout& tp = model->tp_layout();
+  int64_t largest = 0;
+  for (const ParamSpec& s : specs) largest = std::max(largest, s.numel());
+  std::vector<float> staging(root ? static_cast<size_t>(largest) : 0), slices;
   int held = -1;
-  const auto switch_to = [&](int next) {
-    int64_t message = next;
-    comm.broadcast(&message, sizeof message, 0);
-    if (held >= 0) sharded->release(held);
-    held = -1;
-    if (next >= 0) {
-      sharded->acquire(next);
-      held = next;
+  const auto serve = [&](int64_t spec_index) {
+    int unit = -1;
+    for (size_t u = 0; u < units.size() && spec_index >= 0; ++u)
+      if (static_cast<size_t>(spec_index) < units[u].end_spec && unit < 0) unit = static_cast<int>(u);
+    if (unit != held) {
+      if (held >= 0) sharded->release(held);
+      held = unit;
+      if (unit >= 0) sharded->acquire(unit);
+    }
+    if (spec_index < 0) return;
+    const ParamSpec& spec = specs[static_cast<size_t>(spec_index)];
+    const Tensor& local = model->weights().tensor(static_cast<size_t>(spec_index));
+    const int64_t n = local.numel();
+    if (tp_split_dim(spec, tp) < 0) {
+      if (root) std::copy_n(local.data<float>(), n, staging.data());
+      return;
+    }
+    slices.resize(static_cast<size_t>(n * tp.size));
+    grid->tp().all_gather(std::span<const float>(local.data<float>(), static_cast<size_t>(n)), std::span<float>(slices));
+    if (!root) return;
+    for (int r = 0; r < tp.size; ++r) {
+      const TpLayout other{tp.size, r, tp.experts_split};
+      for (const TpRun& run : tp_global_runs(spec, other, 0, n))
+        std::copy_n(slices.data() + r * n + run.local_offset, run.numel, staging.data() + run.global_offset);
     }
   };
   if (root) {
-    options.before_write = [&](const std::string& key) {
-      const int u = unit_of(key);
-      if (u != held) switch_to(u);
+    std::map<std::string, int64_t> index;
+    for (size_t i = 0; i < specs.size(); ++i) index[specs[i].hf_key] = static_cast<int64_t>(i);
+    const auto spec_of = [&](const std::string& key) {
+      const auto it = index.find(key);
+      Q3VL_CHECK(it != index.end(), "export: no parameter '", key, "'");
+      return it->second;
     };
-    // A failed export throws while the other ranks wait for a unit index: train_cmd then aborts every rank.
+    options.lookup = [&](const std::string& key) {
+      return Tensor(staging.data(), DType::f32, specs[static_cast<size_t>(spec_of(key))].shape);
+    };
+    options.before_write = [&](const std::string& key) {
+      int64_t message = spec_of(key);
+      comm.broadcast(&message, sizeof message, 0);
+      serve(message);
+    };
+    // A failed export throws while the other ranks wait for an index: train_cmd then aborts every rank.
     export_hf(dir, *model, options);
-    switch_to(-1);
+    int64_t end = -1;
+    comm.broadcast(&end, sizeof end, 0);
+    serve(-1);
     return;
   }
   for (;;) {
-    int64_t next = 0;
-    comm.broadcast(&next, sizeof next, 0);
-    if (held >= 0) sharded->release(held);
-    held = -1;
-    if (next < 0) break;
-    sharded->acquire(static_cast<int>(next));
-    held = static_cast<int>(next);
+    int64_t message = 0;
+    comm.broadcast(&message, sizeof message, 0);
+    serve(message);
+    if (message < 0) break;
   }
 }
 
@@ -616,7 +681,7 @@ StepRecord Trainer::Impl::train_step() {
   }
   {
     int64_t counts[2] = {rec.tokens, rec.target_tokens};
-    comm.all_reduce_sum(std::span<int64_t>(counts, 2));
+    grid->data().all_reduce_sum(std::span<int64_t>(counts, 2));
     rec.tokens = counts[0];
     rec.target_tokens = counts[1];
   }
@@ -635,7 +700,7 @@ StepRecord Trainer::Impl::train_step() {
   const int64_t normalizer = std::max<int64_t>(rec.target_tokens, 1);
   bool finite = true;
   ForwardOptions fo;
-  if (comm.size() > 1) fo.expert_stats_reducer = [this](std::vector<MoeStats>& layers) { reduce_expert_stats(layers); };
+  if (grid->data().size() > 1) fo.expert_stats_reducer = [this](std::vector<MoeStats>& layers) { reduce_expert_stats(layers); };
   for (const auto& b : micro) {
     beat("step " + std::to_string(step + 1) + ": forward and backward");
     const ForwardResult r = model->forward(b->batch(), *workspace, fo);
@@ -654,7 +719,7 @@ StepRecord Trainer::Impl::train_step() {
   }
   {
     double sums[2] = {rec.ce_loss, finite ? 0.0 : 1.0};
-    comm.all_reduce_sum(std::span<double>(sums, 2));
+    grid->data().all_reduce_sum(std::span<double>(sums, 2));
     rec.ce_loss = sums[0];
     finite = sums[1] == 0.0;
   }
@@ -665,7 +730,7 @@ StepRecord Trainer::Impl::train_step() {
   rec.loss = rec.ce_loss + coef * rec.aux_loss;
   {
     // Each element is owned by one rank of a replica (ZeRO-1 chunks: one rank of the world).
-    double sum_sq = gradient_sum_of_squares(shard_tensors);
+    double sum_sq = gradient_sum_of_squares(sharded ? norm_tensors : shard_tensors);
     (sharded ? grid->replica() : comm).all_reduce_sum(std::span<double>(&sum_sq, 1));
     rec.grad_norm = std::sqrt(sum_sq);
   }
@@ -762,8 +827,8 @@ void Trainer::Impl::reduce_expert_stats(std::vector<MoeStats>& layers) {
     std::copy_n(layers[l].prob_sum.data<double>(), e, probs.begin() + l * e);
     ints[layers.size() * e + l] = layers[l].valid_tokens;
   }
-  comm.all_reduce_sum(std::span<int64_t>(ints));
-  comm.all_reduce_sum(std::span<double>(probs));
+  grid->data().all_reduce_sum(std::span<int64_t>(ints));
+  grid->data().all_reduce_sum(std::span<double>(probs));
   for (size_t l = 0; l < layers.size(); ++l) {
     std::copy_n(ints.begin() + l * e, e, layers[l].counts.data<int64_t>());
     std::copy_n(probs.begin() + l * e, e, layers[l].prob_sum.data<double>());
@@ -775,6 +840,18 @@ void Trainer::Impl::reduce_gradients() {
   if (sharded) {
     // The model's backward already reduce-scattered every unit inside the replica.
     sharded->all_reduce_grads(grid->replicate());
+    if (!tp_partial_pieces.empty()) {
+      // q/k norms (and the router of split experts) saw only this rank's heads (expert columns).
+      const auto& pieces = sharded->pieces();
+      float* at = tp_partial_buffer.data();
+      for (const size_t i : tp_partial_pieces) at = std::copy_n(pieces[i].grad, pieces[i].numel, at);
+      grid->tp().all_reduce_sum(std::span<float>(tp_partial_buffer));
+      at = tp_partial_buffer.data();
+      for (const size_t i : tp_partial_pieces) {
+        std::copy_n(at, pieces[i].numel, pieces[i].grad);
+        at += pieces[i].numel;
+      }
+    }
     return;
   }
   if (comm.size() == 1) return;

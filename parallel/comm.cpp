@@ -38,6 +38,7 @@ void Comm::broadcast(void* data, size_t bytes, int root) {
 void Comm::all_reduce_sum(std::span<float> data) { do_all_reduce(data.data(), data.size(), DType::f32, ReduceOp::sum); }
 void Comm::all_reduce_sum(std::span<double> data) { do_all_reduce(data.data(), data.size(), DType::f64, ReduceOp::sum); }
 void Comm::all_reduce_sum(std::span<int64_t> data) { do_all_reduce(data.data(), data.size(), DType::i64, ReduceOp::sum); }
+void Comm::all_reduce_max(std::span<float> data) { do_all_reduce(data.data(), data.size(), DType::f32, ReduceOp::max); }
 void Comm::all_reduce_max(std::span<double> data) { do_all_reduce(data.data(), data.size(), DType::f64, ReduceOp::max); }
 void Comm::all_reduce_max(std::span<int64_t> data) { do_all_reduce(data.data(), data.size(), DType::i64, ReduceOp::max); }
 

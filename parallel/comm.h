@@ -43,6 +43,7 @@ class Comm {
   void all_reduce_sum(std::span<float> data);
   void all_reduce_sum(std::span<double> data);
   void all_reduce_sum(std::span<int64_t> data);
+  void all_reduce_max(std::span<float> data);
   void all_reduce_max(std::span<double> data);
   void all_reduce_max(std::span<int64_t> data);
 

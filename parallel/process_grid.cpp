@@ -26,6 +26,8 @@ ProcessGrid::ProcessGrid(Comm& world, const GridShape& shape) : world_(world), s
   expert_ = world.split((d_ * shape.fsdp + f_) * shape.tp + t_, r);
   expert_shard_ = world.split((d_ * shape.ep + e_) * shape.tp + t_, r);
   replicate_ = world.split((f_ * shape.ep + e_) * shape.tp + t_, r);
+  tp_ = world.split((d_ * shape.fsdp + f_) * shape.ep + e_, r);
+  data_ = world.split(t_, r);
 }
 
 }  // namespace q3vl::parallel

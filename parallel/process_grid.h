@@ -40,12 +40,14 @@ class ProcessGrid {
   Comm& expert() { return *expert_; }          // ep ranks exchanging tokens for their experts
   Comm& expert_shard() { return *expert_shard_; }  // fsdp ranks sharing the same experts
   Comm& replicate() { return *replicate_; }    // dp ranks holding the same shards
+  Comm& tp() { return *tp_; }                  // tp ranks splitting the same layers (same tokens)
+  Comm& data() { return *data_; }              // dp x fsdp x ep ranks of one tp index: distinct token streams
 
  private:
   Comm& world_;
   GridShape shape_;
   int d_ = 0, f_ = 0, e_ = 0, t_ = 0;
-  std::unique_ptr<Comm> replica_, shard_, expert_, expert_shard_, replicate_;
+  std::unique_ptr<Comm> replica_, shard_, expert_, expert_shard_, replicate_, tp_, data_;
 };
 
 }  // namespace q3vl::parallel

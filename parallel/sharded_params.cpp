@@ -38,7 +38,7 @@ ShardedParams::ShardedParams(Model& model, ProcessGrid& grid) : model_(model) {
     for (size_t i = pu.first_spec; i < pu.end_spec; ++i) {
       Part p;
       p.spec = i;
-      p.numel = specs[i].numel();
+      p.numel = w.tensor(i).numel();  // this rank's tensor-parallel slice
       const bool local_experts = specs[i].kind == ParamKind::experts && ep > 1;
       if (local_experts) {
         const int64_t per_expert = p.numel / c.text.num_experts, local = c.text.num_experts / ep;

@@ -28,8 +28,9 @@ namespace q3vl::parallel {
 
 class ShardedParams final : public ParamUnitHooks {
  public:
-  // Elements [offset, offset + numel) of flattened parameter `spec` (its index in model_param_specs) that this
-  // rank owns, with their place in the shards.
+  // Elements [offset, offset + numel) of flattened parameter `spec` (its index in model_param_specs; under
+  // tensor parallelism, of this rank's local slice: core/model/tp_layout.h maps them to the global tensor)
+  // that this rank owns, with their place in the shards.
   struct Piece {
     size_t spec = 0;
     int64_t offset = 0, numel = 0;

@@ -21,6 +21,29 @@ void require_labels(const char* layer, const Tensor& labels, int64_t n, int64_t 
 }
 }  // namespace
 
+template <class T>
+void row_max_and_sum_exp(const T* row, int64_t width, double& max_out, double& sum_out) {
+  double m = -std::numeric_limits<double>::infinity(), s = 0;
+  for (int64_t c0 = 0; c0 < width; c0 += kVocabChunk) {
+    const int64_t c1 = std::min(width, c0 + kVocabChunk);
+    double cm = -std::numeric_limits<double>::infinity();
+    for (int64_t j = c0; j < c1; ++j) cm = std::max(cm, static_cast<double>(row[j]));
+    if (cm > m) {
+      s *= std::exp(m - cm);
+      m = cm;
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      s += cpu::sum_exp_shifted(row + c0, c1 - c0, static_cast<float>(m));
+    } else {
+      for (int64_t j = c0; j < c1; ++j) s += std::exp(static_cast<double>(row[j]) - m);
+    }
+  }
+  max_out = m;
+  sum_out = s;
+}
+template void row_max_and_sum_exp<float>(const float*, int64_t, double&, double&);
+template void row_max_and_sum_exp<double>(const double*, int64_t, double&, double&);
+
 CrossEntropySum cross_entropy_forward(const Tensor& logits, const Tensor& labels, const Tensor& lse) {
   const char* L = "cross_entropy_forward";
   const DType dt = logits.dtype();
@@ -43,21 +66,8 @@ CrossEntropySum cross_entropy_forward(const Tensor& logits, const Tensor& labels
         continue;
       }
       const T* row = lp + i * vocab;
-      double m = -std::numeric_limits<double>::infinity(), s = 0;
-      for (int64_t c0 = 0; c0 < vocab; c0 += kVocabChunk) {
-        const int64_t c1 = std::min(vocab, c0 + kVocabChunk);
-        double cm = -std::numeric_limits<double>::infinity();
-        for (int64_t j = c0; j < c1; ++j) cm = std::max(cm, static_cast<double>(row[j]));
-        if (cm > m) {
-          s *= std::exp(m - cm);
-          m = cm;
-        }
-        if constexpr (std::is_same_v<T, float>) {
-          s += cpu::sum_exp_shifted(row + c0, c1 - c0, static_cast<float>(m));
-        } else {
-          for (int64_t j = c0; j < c1; ++j) s += std::exp(static_cast<double>(row[j]) - m);
-        }
-      }
+      double m = 0, s = 0;
+      row_max_and_sum_exp(row, vocab, m, s);
       const double l = m + std::log(s);
       lsep[i] = static_cast<T>(l);
     }

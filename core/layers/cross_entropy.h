@@ -23,6 +23,11 @@ struct CrossEntropySum {
 // ignored rows, which are skipped). f32 uses a vectorised expf (core/kernels/cpu/vector_exp.h), f64 libm exp.
 CrossEntropySum cross_entropy_forward(const Tensor& logits, const Tensor& labels, const Tensor& lse);
 
+// max and sum of exp(row[j] - max) over one logits row of `width` values, in vocabulary chunks (the
+// single-pass online log-sum-exp both cross-entropies use); T is float or double.
+template <class T>
+void row_max_and_sum_exp(const T* row, int64_t width, double& max, double& sum);
+
 // dlogits[i] = scale * (softmax(logits[i]) - onehot(labels[i])) for valid rows, 0 for ignored rows.
 // scale is dloss / normaliser, e.g. 1 / count for the mean (or 1 / global token count when accumulating
 // micro-batches). dlogits may be the same tensor as logits.

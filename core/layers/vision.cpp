@@ -1,7 +1,9 @@
-// Patch embedding, bilinear position-embedding resampling and the patch merger of the vision tower.
+// Patch embedding, bilinear position-embedding resampling and the (optionally tensor-parallel) patch merger of
+// the vision tower.
 #include "core/layers/vision.h"
 
 #include <algorithm>
+#include <span>
 
 #include "core/layer_checks.h"
 #include "core/layers/activations.h"
@@ -98,25 +100,34 @@ MergerDims merger_dims(const char* L, const PatchMergerConfig& c, int64_t patche
   return {patches, tokens, c.use_postshuffle_norm ? tokens : patches};
 }
 
+// This rank's fc1 columns (fc2 input features): the merged width over the tp ranks.
+int64_t local_merged(const char* L, const PatchMergerConfig& c, const TensorParallel* tp) {
+  const int64_t parts = tp ? tp->size() : 1;
+  Q3VL_CHECK(c.merged() % parts == 0, L, ": tensor parallelism over ", parts,
+             " ranks does not divide the merged width ", c.merged());
+  return c.merged() / parts;
+}
+
 void require_merger_weights(const char* L, const PatchMergerConfig& c, const PatchMergerWeights& w, DType dt,
-                            bool grads) {
+                            int64_t local, bool grads) {
   const int64_t k = c.merged();
   require(L, grads ? "grads.norm_w" : "norm_w", w.norm_w, dt, {c.norm_dim()});
   require(L, grads ? "grads.norm_b" : "norm_b", w.norm_b, dt, {c.norm_dim()});
-  require(L, grads ? "grads.fc1_w" : "fc1_w", w.fc1_w, dt, {k, k});
-  require(L, grads ? "grads.fc1_b" : "fc1_b", w.fc1_b, dt, {k});
-  require(L, grads ? "grads.fc2_w" : "fc2_w", w.fc2_w, dt, {c.out_hidden, k});
+  require(L, grads ? "grads.fc1_w" : "fc1_w", w.fc1_w, dt, {local, k});
+  require(L, grads ? "grads.fc1_b" : "fc1_b", w.fc1_b, dt, {local});
+  require(L, grads ? "grads.fc2_w" : "fc2_w", w.fc2_w, dt, {c.out_hidden, local});
   require(L, grads ? "grads.fc2_b" : "fc2_b", w.fc2_b, dt, {c.out_hidden});
 }
 
-// Checks config, x and the weights; returns the sizes derived from x.
-MergerDims check_merger(const char* L, const PatchMergerConfig& c, const PatchMergerWeights& w, const Tensor& x) {
+// Checks config, x and the weights (`local` fc1 columns); returns the sizes derived from x.
+MergerDims check_merger(const char* L, const PatchMergerConfig& c, const PatchMergerWeights& w, const Tensor& x,
+                        int64_t local) {
   Q3VL_CHECK(x.defined(), L, ": x is missing");
   const DType dt = x.dtype();
   Q3VL_CHECK(dt == DType::f32 || dt == DType::f64, L, ": x has dtype ", dtype_name(dt), ", expected f32 or f64");
   require(L, "x", x, dt, {-1, c.hidden});
   const MergerDims d = merger_dims(L, c, x.size(0));
-  require_merger_weights(L, c, w, dt, false);
+  require_merger_weights(L, c, w, dt, local, false);
   return d;
 }
 
@@ -276,9 +287,10 @@ size_t patch_merger_scratch_bytes(const PatchMergerConfig& config, int64_t num_p
 }
 
 PatchMergerSaved patch_merger_forward(const PatchMergerConfig& config, const PatchMergerWeights& w, const Tensor& x,
-                                      const Tensor& y, Arena& arena) {
+                                      const Tensor& y, Arena& arena, TensorParallel* tp) {
   const char* L = "patch_merger_forward";
-  const MergerDims d = check_merger(L, config, w, x);
+  const int64_t local = local_merged(L, config, tp);
+  const MergerDims d = check_merger(L, config, w, x, local);
   const DType dt = x.dtype();
   const int64_t k = config.merged();
   require(L, "y", y, dt, {d.tokens, config.out_hidden});
@@ -287,7 +299,7 @@ PatchMergerSaved patch_merger_forward(const PatchMergerConfig& config, const Pat
   saved.normed = Tensor::empty(arena, {d.tokens, k}, dt);
   saved.mean = Tensor::empty(arena, {d.norm_rows}, dt);
   saved.rstd = Tensor::empty(arena, {d.norm_rows}, dt);
-  saved.fc1_out = Tensor::empty(arena, {d.tokens, k}, dt);
+  saved.fc1_out = Tensor::empty(arena, {d.tokens, local}, dt);
   if (config.use_postshuffle_norm)
     layernorm_forward(x.view({d.tokens, k}), w.norm_w, w.norm_b, config.eps, saved.normed, saved.mean, saved.rstd);
   else
@@ -295,41 +307,49 @@ PatchMergerSaved patch_merger_forward(const PatchMergerConfig& config, const Pat
                       saved.rstd);
   linear_forward(saved.normed, w.fc1_w, w.fc1_b, saved.fc1_out);
   const size_t mark = arena.mark();
-  const Tensor act = Tensor::empty(arena, {d.tokens, k}, dt);
+  const Tensor act = Tensor::empty(arena, {d.tokens, local}, dt);
   gelu_forward(Gelu::erf, saved.fc1_out, act);
-  linear_forward(act, w.fc2_w, w.fc2_b, y);
+  // Row-parallel fc2: partial sums over this rank's features, the bias counted once (tp rank 0).
+  const bool adds_bias = tp == nullptr || tp->rank() == 0;
+  linear_forward(act, w.fc2_w, adds_bias ? w.fc2_b : Tensor{}, y);
+  tp_all_reduce(tp, y);
   arena.release(mark);
   return saved;
 }
 
 void patch_merger_backward(const PatchMergerConfig& config, const PatchMergerWeights& w, const Tensor& x,
                            const PatchMergerSaved& saved, const Tensor& dy, const Tensor& dx,
-                           const PatchMergerWeights& grads, Arena& scratch) {
+                           const PatchMergerWeights& grads, Arena& scratch, TensorParallel* tp) {
   const char* L = "patch_merger_backward";
-  const MergerDims d = check_merger(L, config, w, x);
+  const int64_t local = local_merged(L, config, tp);
+  const MergerDims d = check_merger(L, config, w, x, local);
   const DType dt = x.dtype();
   const int64_t k = config.merged();
-  require_merger_weights(L, config, grads, dt, true);
+  require_merger_weights(L, config, grads, dt, local, true);
   require(L, "saved.normed", saved.normed, dt, {d.tokens, k});
   require(L, "saved.mean", saved.mean, dt, {d.norm_rows});
   require(L, "saved.rstd", saved.rstd, dt, {d.norm_rows});
-  require(L, "saved.fc1_out", saved.fc1_out, dt, {d.tokens, k});
+  require(L, "saved.fc1_out", saved.fc1_out, dt, {d.tokens, local});
   require(L, "dy", dy, dt, {d.tokens, config.out_hidden});
   if (dx.defined()) require(L, "dx", dx, dt, {d.patches, config.hidden});
 
   const size_t mark = scratch.mark();
-  const Tensor buf_a = Tensor::empty(scratch, {d.tokens, k}, dt);
-  const Tensor buf_b = Tensor::empty(scratch, {d.tokens, k}, dt);
-  gelu_forward(Gelu::erf, saved.fc1_out, buf_a);  // fc2's input, recomputed rather than saved
-  linear_backward(buf_a, w.fc2_w, dy, buf_b, grads.fc2_w, grads.fc2_b);
-  gelu_backward(Gelu::erf, saved.fc1_out, buf_b, buf_b);
-  linear_backward(saved.normed, w.fc1_w, buf_b, buf_a, grads.fc1_w, grads.fc1_b);  // buf_a = d normed
+  const Tensor d_normed = Tensor::empty(scratch, {d.tokens, k}, dt);
+  const Tensor d_act = Tensor::empty(scratch, {d.tokens, local}, dt);
+  // fc2's input, recomputed rather than saved, in d_normed's memory: fc1's backward reads it no more.
+  const Tensor act(d_normed.raw(), dt, {d.tokens, local});
+  gelu_forward(Gelu::erf, saved.fc1_out, act);
+  linear_backward(act, w.fc2_w, dy, d_act, grads.fc2_w, grads.fc2_b);
+  gelu_backward(Gelu::erf, saved.fc1_out, d_act, d_act);
+  linear_backward(saved.normed, w.fc1_w, d_act, d_normed, grads.fc1_w, grads.fc1_b);
+  // Column-parallel fc1: each rank's input gradient covers only its columns.
+  tp_all_reduce(tp, d_normed);
   if (config.use_postshuffle_norm)
-    layernorm_backward(x.view({d.tokens, k}), w.norm_w, saved.mean, saved.rstd, buf_a,
+    layernorm_backward(x.view({d.tokens, k}), w.norm_w, saved.mean, saved.rstd, d_normed,
                        dx.defined() ? dx.view({d.tokens, k}) : Tensor{}, grads.norm_w, grads.norm_b);
   else
-    layernorm_backward(x, w.norm_w, saved.mean, saved.rstd, buf_a.view({d.patches, config.hidden}), dx, grads.norm_w,
-                       grads.norm_b);
+    layernorm_backward(x, w.norm_w, saved.mean, saved.rstd, d_normed.view({d.patches, config.hidden}), dx,
+                       grads.norm_w, grads.norm_b);
   scratch.release(mark);
 }
 

@@ -1,13 +1,14 @@
 // Vision-tower pieces around the transformer blocks of Qwen3-VL: the patch embedding (a Conv3d whose
 // kernel equals its stride, hence a Linear over flattened patches), the learned position embedding
 // resampled bilinearly to each item's patch grid, and the patch merger that turns each 2x2 block of
-// patches into one text-width token (final merger and DeepStack mergers).
+// patches into one text-width token (final merger and DeepStack mergers), optionally tensor-parallel.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 
 #include "core/arena.h"
+#include "core/layers/tensor_parallel.h"
 #include "core/tensor.h"
 
 namespace q3vl {
@@ -72,7 +73,9 @@ struct PatchMergerConfig {
 };
 
 // Parameters (and, with the same shapes, their gradients): norm_w/norm_b [norm_dim], fc1_w [merged,
-// merged], fc1_b [merged], fc2_w [out_hidden, merged], fc2_b [out_hidden].
+// merged], fc1_b [merged], fc2_w [out_hidden, merged], fc2_b [out_hidden]. Under tensor parallelism over P
+// ranks fc1 is column-parallel and fc2 row-parallel: fc1_w [merged / P, merged], fc1_b [merged / P], fc2_w
+// [out_hidden, merged / P]; the norm and fc2_b are replicated.
 struct PatchMergerWeights {
   Tensor norm_w, norm_b, fc1_w, fc1_b, fc2_w, fc2_b;
 };
@@ -83,20 +86,27 @@ struct PatchMergerSaved {
   Tensor normed;   // [M, merged] LayerNorm output, the fc1 input
   Tensor mean;     // [norm_rows]
   Tensor rstd;     // [norm_rows]
-  Tensor fc1_out;  // [M, merged] before the GELU (recomputed activation feeds fc2's weight gradient)
+  Tensor fc1_out;  // [M, merged / P] before the GELU (recomputed activation feeds fc2's weight gradient)
 };
 
-// Arena bytes the saved activations of N patches occupy after the forward returns.
+// Arena bytes the saved activations of N patches occupy after the forward returns (for the whole merger, an
+// upper bound under tensor parallelism).
 size_t patch_merger_saved_bytes(const PatchMergerConfig& config, int64_t num_patches, DType dtype);
-// Extra arena bytes the forward or the backward borrows while running (released before returning).
+// Extra arena bytes the forward or the backward borrows while running (released before returning; an upper
+// bound under tensor parallelism).
 size_t patch_merger_scratch_bytes(const PatchMergerConfig& config, int64_t num_patches, DType dtype);
 
-// x [N, hidden] with N a multiple of merge_unit; y [N / merge_unit, out_hidden] written.
+// x [N, hidden] with N a multiple of merge_unit; y [N / merge_unit, out_hidden] written. With tp (null: the
+// whole merger), w holds this rank's slices: fc2's partial output, its bias added by tp rank 0 only, is summed
+// over the ranks, so y is whole and bitwise equal on every rank.
 PatchMergerSaved patch_merger_forward(const PatchMergerConfig& config, const PatchMergerWeights& w, const Tensor& x,
-                                      const Tensor& y, Arena& arena);
-// dx [N, hidden] written when defined; every tensor of grads accumulates. scratch lends temporary space.
+                                      const Tensor& y, Arena& arena, TensorParallel* tp = nullptr);
+// dx [N, hidden] written when defined; every tensor of grads accumulates. scratch lends temporary space. With
+// tp, dy must be the same on every rank; the gradient of the LayerNorm output (partial after fc1's backward) is
+// summed over the ranks, so dx and the replicated tensors' gradients come out equal on every rank, and the split
+// ones are this rank's slices.
 void patch_merger_backward(const PatchMergerConfig& config, const PatchMergerWeights& w, const Tensor& x,
                            const PatchMergerSaved& saved, const Tensor& dy, const Tensor& dx,
-                           const PatchMergerWeights& grads, Arena& scratch);
+                           const PatchMergerWeights& grads, Arena& scratch, TensorParallel* tp = nullptr);
 
 }  // namespace q3vl

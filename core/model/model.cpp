@@ -12,6 +12,7 @@
 #include "core/layers/linear.h"
 #include "core/layers/norms.h"
 #include "core/layers/rotary.h"
+#include "core/layers/vocab_parallel.h"
 #include "core/model/rope_index.h"
 #include "core/model/row_ops.h"
 
@@ -118,8 +119,8 @@ std::vector<size_t> Workspace::expert_parallel_bytes() const {
   return out;
 }
 
-Model::Model(const ModelConfig& config, DType dtype)
-    : config_(config), weights_(config, dtype, "weights"), grads_(config, dtype, "gradients") {
+Model::Model(const ModelConfig& config, DType dtype, const TpLayout& tp)
+    : config_(config), weights_(config, dtype, "weights", tp), grads_(config, dtype, "gradients", tp) {
   config_.validate();
   vision_w_ = vision_tower_weights(config_.vision, weights_);
   vision_g_ = vision_tower_weights(config_.vision, grads_);
@@ -127,6 +128,16 @@ Model::Model(const ModelConfig& config, DType dtype)
   text_g_ = text_weights(config_, grads_);
   unit_ids_ = unit_ids(weights_.units());
   // Both stores start zero-filled (fresh anonymous pages).
+}
+
+void Model::set_tensor_parallel(TensorParallel* tp) {
+  const TpLayout& l = tp_layout();
+  if (tp != nullptr)
+    Q3VL_CHECK(tp->size() == l.size && tp->rank() == l.rank, "Model: tensor-parallel group (rank ", tp->rank(), " of ",
+               tp->size(), ") does not match the model's layout (rank ", l.rank, " of ", l.size, ")");
+  else
+    Q3VL_CHECK(l.size == 1, "Model: a model split over ", l.size, " tensor-parallel ranks needs their group");
+  tp_ = tp;
 }
 
 void Model::init_weights(uint64_t seed) { weights_.init(seed, config_.text.initializer_range); }
@@ -245,6 +256,9 @@ ForwardResult Model::forward(const Batch& batch, Workspace& ws, const ForwardOpt
   }
 
   ctx.expert_exchange = exchange_;
+  ctx.tp = tp_;
+  ctx.tp_experts_split = tp_layout().experts_split;
+  const int64_t vocab_begin = tp_ ? tp_->rank() * (c.text.vocab_size / tp_->size()) : 0;
 
   // ---- Vision tower and the visual token rows ----
   ws.has_vision = batch.pixel_values.defined() || batch.pixel_values_videos.defined();
@@ -274,7 +288,7 @@ ForwardResult Model::forward(const Batch& batch, Workspace& ws, const ForwardOpt
     };
     calls.after = [&](int b) { release(unit_ids_.vision_blocks[b]); };
     vision_tower_forward(c.vision, vision_w_, batch.pixel_values, batch.pixel_values_videos, grid, acts, scratch,
-                         ws.vision, calls);
+                         ws.vision, calls, tp_);
     if (embeddings_held) release(unit_ids_.vision_embeddings);
     release(unit_ids_.vision_mergers);
   }
@@ -282,7 +296,8 @@ ForwardResult Model::forward(const Batch& batch, Workspace& ws, const ForwardOpt
   // ---- Text decoder ----
   Tensor h = Tensor::empty(acts, {n, c.text.hidden_size}, dt);
   acquire(unit_ids_.token_embedding);
-  embedding_forward(ws.ids, text_w_.embed, h);
+  if (tp_) vocab_parallel_embedding_forward(ws.ids, text_w_.embed, vocab_begin, h, *tp_);
+  else embedding_forward(ws.ids, text_w_.embed, h);
   // A tied lm_head is the embedding table: it stays gathered until the logits.
   if (!c.tie_word_embeddings) release(unit_ids_.token_embedding);
   if (ws.has_vision) scatter_rows(h, ws.vis_pos, ws.vision.embeds);
@@ -302,13 +317,14 @@ ForwardResult Model::forward(const Batch& batch, Workspace& ws, const ForwardOpt
   acquire(unit_ids_.head);
   rmsnorm_forward(h, text_w_.final_norm, c.text.rms_norm_eps, ws.final_normed, ws.final_rstd);
   ForwardResult r;
-  r.logits = Tensor::empty(acts, {n, c.text.vocab_size}, dt);
+  r.logits = Tensor::empty(acts, {n, text_w_.lm_head.size(0)}, dt);
   linear_forward(ws.final_normed, text_w_.lm_head, Tensor{}, r.logits);
   release(unit_ids_.head);
   if (c.tie_word_embeddings) release(unit_ids_.token_embedding);
   ws.lse = Tensor::empty(acts, {n}, dt);
   if (batch.labels.defined()) {
-    const CrossEntropySum ce = cross_entropy_forward(r.logits, ws.targets, ws.lse);
+    const CrossEntropySum ce = tp_ ? vocab_parallel_cross_entropy_forward(r.logits, ws.targets, vocab_begin, ws.lse, *tp_)
+                                   : cross_entropy_forward(r.logits, ws.targets, ws.lse);
     r.ce_loss = ce.mean();
     r.ce_tokens = ce.count;
   }
@@ -352,7 +368,13 @@ void Model::backward(Workspace& ws, const BackwardOptions& options) {
   const Tensor& dlogits = r.logits;
   if (r.ce_tokens > 0) {
     const int64_t normalizer = options.ce_normalizer > 0 ? options.ce_normalizer : r.ce_tokens;
-    cross_entropy_backward(r.logits, ws.targets, ws.lse, options.loss_scale / static_cast<double>(normalizer), dlogits);
+    const double scale = options.loss_scale / static_cast<double>(normalizer);
+    if (tp_) {
+      const int64_t vocab_begin = tp_->rank() * (c.text.vocab_size / tp_->size());
+      vocab_parallel_cross_entropy_backward(r.logits, ws.targets, ws.lse, vocab_begin, scale, dlogits);
+    } else {
+      cross_entropy_backward(r.logits, ws.targets, ws.lse, scale, dlogits);
+    }
   } else {
     fill(dlogits, 0.0);
   }
@@ -361,6 +383,8 @@ void Model::backward(Workspace& ws, const BackwardOptions& options) {
   acquire(unit_ids_.head);
   if (c.tie_word_embeddings) acquire(unit_ids_.token_embedding);
   linear_backward(ws.final_normed, text_w_.lm_head, dlogits, d_normed, text_g_.lm_head, Tensor{});
+  // The vocabulary-parallel lm_head gives each rank its columns' share of d final_normed.
+  tp_all_reduce(tp_, d_normed);
   const Tensor& h_last = ws.layers[c.text.num_hidden_layers - 1].h_out;
   rmsnorm_backward(h_last, text_w_.final_norm, ws.final_rstd, d_normed, dh, text_g_.final_norm);
   gradients_ready(unit_ids_.head);
@@ -377,7 +401,9 @@ void Model::backward(Workspace& ws, const BackwardOptions& options) {
     dispatch_float(L, dt, [&](auto tag) {
       using T = decltype(tag);
       T* p = aux_dprob.data<T>();
-      const double scale = options.aux_scale >= 0 ? options.aux_scale : options.loss_scale;
+      // Split experts: every tp rank adds the aux term to its partial router gradient, so each adds 1 / tp.
+      const double split = tp_ && tp_layout().experts_split ? 1.0 / tp_->size() : 1.0;
+      const double scale = (options.aux_scale >= 0 ? options.aux_scale : options.loss_scale) * split;
       for (int64_t e = 0; e < c.text.num_experts; ++e) p[e] *= static_cast<T>(scale);
     });
   }
@@ -404,7 +430,8 @@ void Model::backward(Workspace& ws, const BackwardOptions& options) {
     });
   }
   // The embedding backward reads no weights, only the token ids.
-  embedding_backward(ws.ids, dh, text_g_.embed);
+  if (tp_) vocab_parallel_embedding_backward(ws.ids, dh, tp_->rank() * (c.text.vocab_size / tp_->size()), text_g_.embed);
+  else embedding_backward(ws.ids, dh, text_g_.embed);
   gradients_ready(unit_ids_.token_embedding);
   scratch.release(text_mark);
 
@@ -418,7 +445,7 @@ void Model::backward(Workspace& ws, const BackwardOptions& options) {
     };
     // The patch embedding's and position table's gradients need no weights (the pixels take no gradient).
     vision_tower_backward(c.vision, vision_w_, ws.vision, d_embeds,
-                          std::span<const Tensor>(d_deepstack.data(), taps), vision_g_, scratch, calls);
+                          std::span<const Tensor>(d_deepstack.data(), taps), vision_g_, scratch, calls, tp_);
     gradients_ready(unit_ids_.vision_mergers);
     release(unit_ids_.vision_mergers);
     gradients_ready(unit_ids_.vision_embeddings);

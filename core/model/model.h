@@ -34,6 +34,7 @@
 #include "core/model/config.h"
 #include "core/model/param_store.h"
 #include "core/model/param_units.h"
+#include "core/model/tp_layout.h"
 #include "core/model/text_decoder.h"
 #include "core/model/vision_tower.h"
 #include "core/tensor.h"
@@ -123,7 +124,8 @@ class Workspace {
 
 class Model {
  public:
-  explicit Model(const ModelConfig& config, DType dtype = DType::f32);
+  // `tp`: this rank's tensor-parallel slice of the parameters (tp_layout.h); whole tensors by default.
+  explicit Model(const ModelConfig& config, DType dtype = DType::f32, const TpLayout& tp = {});
 
   const ModelConfig& config() const { return config_; }
   DType dtype() const { return weights_.dtype(); }
@@ -148,6 +150,11 @@ class Model {
   // Expert parallelism: the MoE layers compute only this rank's experts and exchange rows through
   // `exchange` (core/layers/moe.h). nullptr: every expert is local.
   void set_expert_exchange(ExpertExchange* exchange) { exchange_ = exchange; }
+  // Tensor parallelism over the ranks of the model's TpLayout (size and rank must match). Heads, FFN columns
+  // and the vocabulary are split; the logits of forward() are then this rank's vocabulary columns
+  // [rank * V / size, (rank + 1) * V / size), while the losses are global.
+  void set_tensor_parallel(TensorParallel* tp);
+  const TpLayout& tp_layout() const { return weights_.tp(); }
   const std::vector<ParamUnit>& units() const { return weights_.units(); }
 
  private:
@@ -166,6 +173,7 @@ class Model {
   UnitIds unit_ids_;
   ParamUnitHooks* hooks_ = nullptr;
   ExpertExchange* exchange_ = nullptr;
+  TensorParallel* tp_ = nullptr;
   VisionTowerWeights vision_w_, vision_g_;
   TextWeights text_w_, text_g_;
 };

@@ -30,6 +30,12 @@ struct ParamSpec {
   ParamKind kind;
   ParamTower tower;
   int layer = -1;      // vision block / text layer index, -1 for tensors outside the repeated blocks
+  // Tensor parallelism (core/model/tp_layout.h): the dimension split over the tp ranks (-1: replicated), cut
+  // into tp_blocks equal blocks each split over the ranks (fused q|k|v, gate|up); tp_partial_grad: a replicated
+  // tensor whose gradient each rank computes from its own heads or expert columns only (summed over tp).
+  int tp_dim = -1;
+  int tp_blocks = 1;
+  bool tp_partial_grad = false;
   int64_t numel() const { return shape.numel(); }
 };
 

@@ -29,7 +29,8 @@ struct StoreLayout {
   size_t total = 0;
 };
 
-StoreLayout store_layout(const std::vector<ParamSpec>& specs, const std::vector<ParamUnit>& units, DType dtype) {
+StoreLayout store_layout(const std::vector<ParamSpec>& specs, const std::vector<ParamUnit>& units, DType dtype,
+                         const TpLayout& tp) {
   StoreLayout l;
   l.tensor_offset.resize(specs.size());
   size_t at = 0;
@@ -38,7 +39,7 @@ StoreLayout store_layout(const std::vector<ParamSpec>& specs, const std::vector<
     l.unit_begin.push_back(at);
     for (size_t i = u.first_spec; i < u.end_spec; ++i) {
       l.tensor_offset[i] = at;
-      at += Arena::aligned(static_cast<size_t>(specs[i].numel()) * dtype_size(dtype));
+      at += Arena::aligned(static_cast<size_t>(tp_local_shape(specs[i], tp).numel()) * dtype_size(dtype));
     }
     l.unit_end.push_back(at);
   }
@@ -48,15 +49,16 @@ StoreLayout store_layout(const std::vector<ParamSpec>& specs, const std::vector<
 
 }  // namespace
 
-size_t ParamStore::bytes(const ModelConfig& config, DType dtype) {
-  return store_layout(model_param_specs(config), param_units(config), dtype).total;
+size_t ParamStore::bytes(const ModelConfig& config, DType dtype, const TpLayout& tp) {
+  return store_layout(model_param_specs(config), param_units(config), dtype, tp).total;
 }
 
-ParamStore::ParamStore(const ModelConfig& config, DType dtype, const std::string& name)
-    : name_(name), dtype_(dtype), specs_(model_param_specs(config)), units_(param_units(config)) {
+ParamStore::ParamStore(const ModelConfig& config, DType dtype, const std::string& name, const TpLayout& tp)
+    : name_(name), tp_(tp), dtype_(dtype), specs_(model_param_specs(config)), units_(param_units(config)) {
+  check_tp_layout(config, tp);
   Q3VL_CHECK(dtype == DType::f32 || dtype == DType::f64, "ParamStore '", name, "': dtype ", dtype_name(dtype),
              " is not f32 or f64");
-  const StoreLayout l = store_layout(specs_, units_, dtype);
+  const StoreLayout l = store_layout(specs_, units_, dtype, tp);
   unit_begin_ = l.unit_begin;
   unit_end_ = l.unit_end;
   mapped_ = l.total;
@@ -68,7 +70,7 @@ ParamStore::ParamStore(const ModelConfig& config, DType dtype, const std::string
   }
   tensors_.reserve(specs_.size());
   for (size_t i = 0; i < specs_.size(); ++i) {
-    tensors_.emplace_back(static_cast<char*>(base_) + l.tensor_offset[i], dtype, specs_[i].shape);
+    tensors_.emplace_back(static_cast<char*>(base_) + l.tensor_offset[i], dtype, tp_local_shape(specs_[i], tp));
     index_.emplace(specs_[i].hf_key, i);
   }
 }
@@ -112,7 +114,13 @@ void ParamStore::init(uint64_t seed, double std, size_t first, size_t end) {
     switch (specs_[i].kind) {
       case ParamKind::embedding:
       case ParamKind::matrix:
-      case ParamKind::experts: fill_normal(tensors_[i], Philox(seed, i), 0.0, std); break;
+      case ParamKind::experts: {
+        const Tensor flat = tensors_[i].view({tensors_[i].numel()});
+        for (const TpRun& r : tp_global_runs(specs_[i], tp_, 0, flat.numel()))
+          fill_normal(flat.narrow(0, r.local_offset, r.numel), Philox(seed, i), 0.0, std,
+                      static_cast<uint64_t>(r.global_offset));
+        break;
+      }
       case ParamKind::norm: fill(tensors_[i], 1.0); break;
       case ParamKind::bias: fill(tensors_[i], 0.0); break;
     }

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <span>
 #include <string>
 
 #include "core/kernels/cpu/gemm.h"
@@ -44,6 +45,23 @@ void dense_gate_up_backward(const Tensor& x, const Tensor& wg, const Tensor& wu,
   cpu::gemm<T>(true, false, i, h, n, T(1), dgu + i, 2 * i, x.data<T>(), h, T(1), dwu.data<T>(), h);
   cpu::gemm<T>(false, false, n, h, i, T(1), dgu, 2 * i, wg.data<T>(), h, T(0), dx.data<T>(), h);
   cpu::gemm<T>(false, false, n, h, i, T(1), dgu + i, 2 * i, wu.data<T>(), h, T(1), dx.data<T>(), h);
+}
+
+// This rank's share of the attention heads and of the MoE experts' FFN columns.
+AttentionConfig local_attention_config(const TextConfig& c, const TextContext& ctx) {
+  AttentionConfig a = text_attention_config(c);
+  if (ctx.tp != nullptr) {
+    a.num_heads /= ctx.tp->size();
+    a.num_kv_heads /= ctx.tp->size();
+  }
+  return a;
+}
+
+MoeConfig local_moe_config(const TextConfig& c, const TextContext& ctx) {
+  MoeConfig m = text_moe_config(c);
+  m.exchange = ctx.expert_exchange;
+  if (ctx.tp != nullptr && ctx.tp_experts_split) m.expert_ffn /= ctx.tp->size();
+  return m;
 }
 
 void check_context(const char* L, const TextConfig& c, const TextContext& ctx, int64_t n, DType dt) {
@@ -189,7 +207,7 @@ void decoder_layer_forward(const ModelConfig& config, int layer, const DecoderLa
   check_context(L, c, ctx, n, dt);
   Q3VL_CHECK(w.moe == config.is_moe_layer(layer), L, ": weights of layer ", layer, " are ",
              w.moe ? "MoE" : "dense", " but the config says otherwise");
-  const AttentionConfig acfg = text_attention_config(c);
+  const AttentionConfig acfg = local_attention_config(c, ctx);
 
   s.h_in = h_in;
   s.normed1 = Tensor::empty(acts, {n, h}, dt);
@@ -210,6 +228,8 @@ void decoder_layer_forward(const ModelConfig& config, int layer, const DecoderLa
     linear_forward(out.view({pads, qd}), w.attn.wo, Tensor{}, s.h_mid.narrow(0, cu[d] + real[d], pads));
     scratch.release(mark);
   }
+  // o_proj is row-parallel under tensor parallelism: each rank holds its heads' share of the sum.
+  tp_all_reduce(ctx.tp, s.h_mid);
   add_into(s.h_mid, h_in);
 
   s.normed2 = Tensor::empty(acts, {n, h}, dt);
@@ -219,11 +239,11 @@ void decoder_layer_forward(const ModelConfig& config, int layer, const DecoderLa
   if (w.moe) {
     s.stats.counts = Tensor::empty(acts, {c.num_experts}, DType::i64);
     s.stats.prob_sum = Tensor::empty(acts, {c.num_experts}, DType::f64);
-    MoeConfig mcfg = text_moe_config(c);
-    mcfg.exchange = ctx.expert_exchange;
-    moe_forward(mcfg, w.experts, s.normed2, ctx.valid, acts, s.moe, s.h_out, s.stats);
+    moe_forward(local_moe_config(c, ctx), w.experts, s.normed2, ctx.valid, acts, s.moe, s.h_out, s.stats);
+    // Split experts give partial sums; whole experts (expert parallelism) the full output on every tp rank.
+    if (ctx.tp_experts_split) tp_all_reduce(ctx.tp, s.h_out);
   } else {
-    const int64_t inter = c.intermediate_size;
+    const int64_t inter = w.gate_proj.size(0);
     s.gate_up = Tensor::empty(acts, {n, 2 * inter}, dt);
     s.act = Tensor::empty(acts, {n, inter}, dt);
     require(L, "gate_proj", w.gate_proj, dt, {inter, h});
@@ -231,6 +251,7 @@ void decoder_layer_forward(const ModelConfig& config, int layer, const DecoderLa
     dispatch_float(L, dt, [&](auto tag) { dense_gate_up<decltype(tag)>(s.normed2, w.gate_proj, w.up_proj, s.gate_up); });
     swiglu_forward(s.gate_up, s.act);
     linear_forward(s.act, w.down_proj, Tensor{}, s.h_out);
+    tp_all_reduce(ctx.tp, s.h_out);
   }
   add_into(s.h_out, s.h_mid);
 }
@@ -251,12 +272,11 @@ void decoder_layer_backward(const ModelConfig& config, int layer, const DecoderL
   const Tensor d_tmp = Tensor::empty(scratch, {n, h}, dt);
   // h_out = h_mid + mlp(normed2).
   if (w.moe) {
-    MoeConfig mcfg = text_moe_config(c);
-    mcfg.exchange = ctx.expert_exchange;
-    moe_backward(mcfg, w.experts, s.normed2, ctx.valid, s.moe, dh, aux_dprob, d_normed, g.experts,
+    moe_backward(local_moe_config(c, ctx), w.experts, s.normed2, ctx.valid, s.moe, dh, aux_dprob, d_normed, g.experts,
                  scratch);
+    if (ctx.tp_experts_split) tp_all_reduce(ctx.tp, d_normed);
   } else {
-    const int64_t inter = c.intermediate_size;
+    const int64_t inter = w.gate_proj.size(0);
     const size_t m = scratch.mark();
     const Tensor d_act = Tensor::empty(scratch, {n, inter}, dt);
     const Tensor d_gate_up = Tensor::empty(scratch, {n, 2 * inter}, dt);
@@ -269,13 +289,15 @@ void decoder_layer_backward(const ModelConfig& config, int layer, const DecoderL
                                             g.up_proj);
     });
     scratch.release(m);
+    tp_all_reduce(ctx.tp, d_normed);
   }
   rmsnorm_backward(s.h_mid, w.post_norm, s.rstd2, d_normed, d_tmp, g.post_norm);
   add_into(dh, d_tmp);
   // h_mid = h_in + attn(normed1); padding rows of dh are zero (padding takes no loss), so the padding
   // replacement of the forward needs no backward.
-  attention_block_backward(text_attention_config(c), w.attn, s.normed1, ctx.cos, ctx.sin, ctx.cu_seqlens, s.attn, dh,
-                           d_normed, g.attn, scratch);
+  attention_block_backward(local_attention_config(c, ctx), w.attn, s.normed1, ctx.cos, ctx.sin, ctx.cu_seqlens, s.attn,
+                           dh, d_normed, g.attn, scratch);
+  tp_all_reduce(ctx.tp, d_normed);
   rmsnorm_backward(s.h_in, w.input_norm, s.rstd1, d_normed, d_tmp, g.input_norm);
   add_into(dh, d_tmp);
   scratch.release(mark);

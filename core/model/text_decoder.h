@@ -12,6 +12,7 @@
 #include "core/arena.h"
 #include "core/layers/attention_block.h"
 #include "core/layers/moe.h"
+#include "core/layers/tensor_parallel.h"
 #include "core/model/config.h"
 #include "core/model/param_store.h"
 #include "core/tensor.h"
@@ -43,6 +44,10 @@ struct TextContext {
   Tensor doc_real;    // i64 [D] real tokens at the start of each document; the rest is padding
   Tensor valid;       // u8 [N] 1 = real token
   ExpertExchange* expert_exchange = nullptr;  // expert parallelism of the MoE layers (moe.h), or none
+  // Tensor parallelism (tensor_parallel.h), or none: the layer weights are this rank's slices (tp_layout.h):
+  // local query/key-value heads, dense MLP columns, and the experts' FFN columns when tp_experts_split.
+  TensorParallel* tp = nullptr;
+  bool tp_experts_split = true;
 };
 
 struct DecoderLayerSaved {

@@ -1,5 +1,5 @@
 // Vision tower forward/backward composed from the patch-embed, position, attention-block, LayerNorm,
-// Linear, GELU and patch-merger layers.
+// Linear, GELU and patch-merger layers, whole or tensor-parallel.
 #include "core/model/vision_tower.h"
 
 #include <algorithm>
@@ -19,10 +19,11 @@ namespace {
 
 size_t bytes(int64_t elems, DType dtype) { return Arena::aligned(static_cast<size_t>(elems) * dtype_size(dtype)); }
 
-AttentionConfig attention_config(const VisionConfig& c) {
+// The attention of one block on a rank holding 1 / parts of the heads.
+AttentionConfig attention_config(const VisionConfig& c, int parts = 1) {
   AttentionConfig a;
   a.hidden = c.hidden_size;
-  a.num_heads = a.num_kv_heads = c.num_heads;
+  a.num_heads = a.num_kv_heads = c.num_heads / parts;
   a.head_dim = c.head_dim();
   a.qkv_bias = a.o_bias = true;
   a.qk_norm = false;
@@ -38,6 +39,16 @@ PatchMergerConfig merger_config(const VisionConfig& c, bool postshuffle) {
   m.use_postshuffle_norm = postshuffle;
   m.eps = c.layer_norm_eps;
   return m;
+}
+
+// The number of tp ranks the heads and FFN columns are split over (1 without tp), checked to divide them.
+int tp_parts(const char* L, const VisionConfig& c, const TensorParallel* tp) {
+  if (tp == nullptr) return 1;
+  const int parts = tp->size();
+  Q3VL_CHECK(parts >= 1 && c.num_heads % parts == 0 && c.intermediate_size % parts == 0, L,
+             ": tensor parallelism over ", parts, " ranks must divide vision num_heads ", c.num_heads,
+             " and intermediate_size ", c.intermediate_size);
+  return parts;
 }
 
 PatchEmbedGeometry patch_geometry(const VisionConfig& c) {
@@ -98,7 +109,6 @@ VisionTowerWeights vision_tower_weights(const VisionConfig& c, const ParamStore&
   w.patch_w = s.at(root + ".patch_embed.proj.weight");
   w.patch_b = s.at(root + ".patch_embed.proj.bias");
   w.pos_table = s.at(root + ".pos_embed.weight");
-  const int64_t d = c.hidden_size;
   for (int b = 0; b < c.depth; ++b) {
     const std::string p = root + ".blocks." + std::to_string(b);
     VisionBlockWeights bw;
@@ -108,6 +118,8 @@ VisionTowerWeights vision_tower_weights(const VisionConfig& c, const ParamStore&
     bw.norm2_b = s.at(p + ".norm2.bias");
     const Tensor& qkv_w = s.at(p + ".attn.qkv.weight");
     const Tensor& qkv_b = s.at(p + ".attn.qkv.bias");
+    // Rows q|k|v, each this store's share of the heads (all of them in a whole store).
+    const int64_t d = qkv_w.size(0) / 3;
     bw.attn.wq = qkv_w.narrow(0, 0, d);
     bw.attn.wk = qkv_w.narrow(0, d, d);
     bw.attn.wv = qkv_w.narrow(0, 2 * d, d);
@@ -222,8 +234,9 @@ size_t vision_tower_scratch_bytes(const VisionConfig& c, const VisionShape& s, D
 
 void vision_tower_forward(const VisionConfig& c, const VisionTowerWeights& w, const Tensor& image_pixels,
                           const Tensor& video_pixels, const Tensor& grid, Arena& acts, Arena& scratch,
-                          VisionTowerState& st, const VisionBlockCalls& calls) {
+                          VisionTowerState& st, const VisionBlockCalls& calls, TensorParallel* tp) {
   const char* L = "vision_tower_forward";
+  const int parts = tp_parts(L, c, tp);
   const int64_t patches = check_grid(L, c, grid);
   const DType dt = w.patch_w.dtype();
   const int64_t features = c.patch_features();
@@ -235,7 +248,7 @@ void vision_tower_forward(const VisionConfig& c, const VisionTowerWeights& w, co
   }
   Q3VL_CHECK(given == patches, L, ": the pixel tensors have ", given, " patch rows but the grids need ", patches);
   Q3VL_CHECK(static_cast<int64_t>(st.blocks.size()) == c.depth, L, ": state was made for another config");
-  const int64_t d = c.hidden_size, hd = c.head_dim(), inter = c.intermediate_size;
+  const int64_t d = c.hidden_size, hd = c.head_dim(), inter = c.intermediate_size / parts;
   const int64_t items = grid.size(0), tokens = patches / c.merge_unit();
 
   st.pixel_parts[0] = image_pixels;
@@ -283,7 +296,10 @@ void vision_tower_forward(const VisionConfig& c, const VisionTowerWeights& w, co
     acts.release(mark);
   }
 
-  const AttentionConfig acfg = attention_config(c);
+  // Row-parallel projections add their bias on tp rank 0 only: the sum over ranks counts it once.
+  const bool adds_bias = tp == nullptr || tp->rank() == 0;
+  AttentionConfig acfg = attention_config(c, parts);
+  acfg.o_bias = adds_bias;
   size_t tap = 0;
   for (int b = 0; b < c.depth; ++b) {
     if (calls.before) calls.before(b);
@@ -295,7 +311,10 @@ void vision_tower_forward(const VisionConfig& c, const VisionTowerWeights& w, co
     s.rstd1 = Tensor::empty(acts, {patches}, dt);
     layernorm_forward(x, bw.norm1_w, bw.norm1_b, c.layer_norm_eps, s.ln1, s.mean1, s.rstd1);
     s.x_mid = Tensor::empty(acts, {patches, d}, dt);
-    s.attn = attention_block_forward(acfg, bw.attn, s.ln1, st.cos, st.sin, st.cu_seqlens, acts, s.x_mid);
+    AttentionWeights attn_w = bw.attn;
+    if (!adds_bias) attn_w.bo = Tensor{};
+    s.attn = attention_block_forward(acfg, attn_w, s.ln1, st.cos, st.sin, st.cu_seqlens, acts, s.x_mid);
+    tp_all_reduce(tp, s.x_mid);
     add_into(s.x_mid, x);
     s.ln2 = Tensor::empty(acts, {patches, d}, dt);
     s.mean2 = Tensor::empty(acts, {patches}, dt);
@@ -306,27 +325,30 @@ void vision_tower_forward(const VisionConfig& c, const VisionTowerWeights& w, co
     linear_forward(s.ln2, bw.fc1_w, bw.fc1_b, s.fc1_out);
     gelu_forward(Gelu::tanh, s.fc1_out, s.act);
     s.x_out = Tensor::empty(acts, {patches, d}, dt);
-    linear_forward(s.act, bw.fc2_w, bw.fc2_b, s.x_out);
+    linear_forward(s.act, bw.fc2_w, adds_bias ? bw.fc2_b : Tensor{}, s.x_out);
+    tp_all_reduce(tp, s.x_out);
     add_into(s.x_out, s.x_mid);
     if (calls.after) calls.after(b);
     x = s.x_out;
     if (tap < st.tap_merger.size() && c.deepstack_visual_indexes[st.tap_merger[tap]] == b) {
       const int k = st.tap_merger[tap];
       st.deepstack[tap] = Tensor::empty(acts, {tokens, c.out_hidden_size}, dt);
-      st.taps[tap] = patch_merger_forward(merger_config(c, true), w.deepstack[k], x, st.deepstack[tap], acts);
+      st.taps[tap] = patch_merger_forward(merger_config(c, true), w.deepstack[k], x, st.deepstack[tap], acts, tp);
       ++tap;
     }
   }
   st.embeds = Tensor::empty(acts, {tokens, c.out_hidden_size}, dt);
-  st.merger = patch_merger_forward(merger_config(c, false), w.merger, x, st.embeds, acts);
+  st.merger = patch_merger_forward(merger_config(c, false), w.merger, x, st.embeds, acts, tp);
 }
 
 void vision_tower_backward(const VisionConfig& c, const VisionTowerWeights& w, const VisionTowerState& st,
                            const Tensor& d_embeds, std::span<const Tensor> d_deepstack,
-                           const VisionTowerWeights& grads, Arena& scratch, const VisionBlockCalls& calls) {
+                           const VisionTowerWeights& grads, Arena& scratch, const VisionBlockCalls& calls,
+                           TensorParallel* tp) {
   const char* L = "vision_tower_backward";
+  const int parts = tp_parts(L, c, tp);
   const DType dt = w.patch_w.dtype();
-  const int64_t patches = st.pos_idx.size(0), d = c.hidden_size, inter = c.intermediate_size;
+  const int64_t patches = st.pos_idx.size(0), d = c.hidden_size, inter = c.intermediate_size / parts;
   require(L, "d_embeds", d_embeds, dt, {st.embeds.size(0), c.out_hidden_size});
   Q3VL_CHECK(d_deepstack.size() == st.tap_merger.size(), L, ": ", d_deepstack.size(),
              " DeepStack gradients for ", st.tap_merger.size(), " taps");
@@ -339,9 +361,11 @@ void vision_tower_backward(const VisionConfig& c, const VisionTowerWeights& w, c
   const Tensor d_ln = Tensor::empty(scratch, {patches, d}, dt);
   const Tensor d_act = Tensor::empty(scratch, {patches, inter}, dt);
   const Tensor& x_last = st.blocks[c.depth - 1].x_out;
-  patch_merger_backward(merger_config(c, false), w.merger, x_last, st.merger, d_embeds, dx, grads.merger, scratch);
+  patch_merger_backward(merger_config(c, false), w.merger, x_last, st.merger, d_embeds, dx, grads.merger, scratch,
+                        tp);
 
-  const AttentionConfig acfg = attention_config(c);
+  // Every rank accumulates the gradient of attn.proj's bias (replicated), whichever rank added it.
+  const AttentionConfig acfg = attention_config(c, parts);
   int tap = static_cast<int>(st.tap_merger.size()) - 1;
   for (int b = c.depth - 1; b >= 0; --b) {
     if (calls.before) calls.before(b);
@@ -351,7 +375,7 @@ void vision_tower_backward(const VisionConfig& c, const VisionTowerWeights& w, c
     if (tap >= 0 && c.deepstack_visual_indexes[st.tap_merger[tap]] == b) {
       const int k = st.tap_merger[tap];
       patch_merger_backward(merger_config(c, true), w.deepstack[k], s.x_out, st.taps[tap], d_deepstack[tap], d_ln,
-                            grads.deepstack[k], scratch);
+                            grads.deepstack[k], scratch, tp);
       add_into(dx, d_ln);
       --tap;
     }
@@ -359,11 +383,13 @@ void vision_tower_backward(const VisionConfig& c, const VisionTowerWeights& w, c
     linear_backward(s.act, bw.fc2_w, dx, d_act, bg.fc2_w, bg.fc2_b);
     gelu_backward(Gelu::tanh, s.fc1_out, d_act, d_act);
     linear_backward(s.ln2, bw.fc1_w, d_act, d_ln, bg.fc1_w, bg.fc1_b);
+    tp_all_reduce(tp, d_ln);  // column-parallel fc1: partial input gradient
     layernorm_backward(s.x_mid, bw.norm2_w, s.mean2, s.rstd2, d_ln, d_mid, bg.norm2_w, bg.norm2_b);
     add_into(d_mid, dx);
     // x_mid = x_in + attn(ln1(x_in)).
     attention_block_backward(acfg, bw.attn, s.ln1, st.cos, st.sin, st.cu_seqlens, s.attn, d_mid, d_ln, bg.attn,
                              scratch);
+    tp_all_reduce(tp, d_ln);  // column-parallel qkv: partial input gradient
     layernorm_backward(s.x_in, bw.norm1_w, s.mean1, s.rstd1, d_ln, dx, bg.norm1_w, bg.norm1_b);
     add_into(dx, d_mid);
     if (calls.after) calls.after(b);

@@ -3,6 +3,13 @@
 // per temporal patch of each item), DeepStack mergers after the blocks of deepstack_visual_indexes, and
 // the final patch merger. All items (images, then videos) run in one call: every operation is per patch
 // or per temporal patch, so this equals HF's separate image and video calls.
+//
+// Tensor parallelism (Megatron, core/layers/tensor_parallel.h): with a TensorParallel of P ranks every block
+// runs num_heads / P heads (its rows of q, k and v of the fused qkv) and intermediate_size / P FFN columns,
+// the mergers merged / P fc1 columns; the row-parallel outputs (attn.proj, mlp.linear_fc2, mergers' fc2) are
+// summed over the ranks before the residual add, their biases added by tp rank 0 only, and the column-parallel
+// input gradients before each LayerNorm backward. Activations, outputs and the replicated tensors' gradients
+// are then equal on every rank; the split tensors' gradients are the rank's slices.
 #pragma once
 
 #include <cstddef>
@@ -13,6 +20,7 @@
 
 #include "core/arena.h"
 #include "core/layers/attention_block.h"
+#include "core/layers/tensor_parallel.h"
 #include "core/layers/vision.h"
 #include "core/model/config.h"
 #include "core/model/param_store.h"
@@ -22,11 +30,11 @@ namespace q3vl {
 
 struct VisionBlockWeights {
   Tensor norm1_w, norm1_b, norm2_w, norm2_b;
-  AttentionWeights attn;  // wq/wk/wv (and biases) are row ranges of the fused attn.qkv tensors
+  AttentionWeights attn;  // wq/wk/wv (and biases) are the q|k|v row blocks of the (local) fused attn.qkv tensors
   Tensor fc1_w, fc1_b, fc2_w, fc2_b;
 };
 
-// Views into a ParamStore (weights or gradients: the same layout).
+// Views into a ParamStore (weights or gradients: the same layout), whole or a tensor-parallel rank's slices.
 struct VisionTowerWeights {
   Tensor patch_w, patch_b, pos_table;
   std::vector<VisionBlockWeights> blocks;
@@ -70,9 +78,11 @@ struct VisionShape {
   int64_t frames = 0;   // sum of t over items (attention blocks)
 };
 
-// Activation-arena bytes of the forward (saved tensors plus the largest transient it borrows there).
+// Activation-arena bytes of the forward (saved tensors plus the largest transient it borrows there); sized for
+// the whole tower, an upper bound under tensor parallelism.
 size_t vision_tower_activation_bytes(const VisionConfig& config, const VisionShape& shape, DType dtype);
-// Scratch-arena bytes of the forward (transient) and of the backward (released before returning).
+// Scratch-arena bytes of the forward (transient) and of the backward (released before returning); also an
+// upper bound under tensor parallelism.
 size_t vision_tower_scratch_bytes(const VisionConfig& config, const VisionShape& shape, DType dtype);
 
 // Called around each block's use (forward, and again in the backward) so that a sharded store can gather that
@@ -83,16 +93,19 @@ struct VisionBlockCalls {
 };
 
 // pixel_parts: up to two [P_i, patch_features] tensors (images, videos; undefined entries are skipped)
-// whose rows follow `grid` (i64 [items, 3]) in order. Fills `state`, outputs included.
+// whose rows follow `grid` (i64 [items, 3]) in order. Fills `state`, outputs included. tp (null: none) splits
+// the blocks and mergers as described above; w must then hold that rank's slices.
 void vision_tower_forward(const VisionConfig& config, const VisionTowerWeights& w, const Tensor& image_pixels,
                           const Tensor& video_pixels, const Tensor& grid, Arena& acts, Arena& scratch,
-                          VisionTowerState& state, const VisionBlockCalls& calls = {});
+                          VisionTowerState& state, const VisionBlockCalls& calls = {}, TensorParallel* tp = nullptr);
 
 // d_embeds [M, out_hidden] and d_deepstack (one per tap, in state.deepstack order) are the gradients of
-// the outputs; parameter gradients accumulate into `grads`. The pixels get no gradient.
+// the outputs; parameter gradients accumulate into `grads`. The pixels get no gradient. With tp (the forward's),
+// the output gradients must be equal on every rank.
 void vision_tower_backward(const VisionConfig& config, const VisionTowerWeights& w, const VisionTowerState& state,
                            const Tensor& d_embeds, std::span<const Tensor> d_deepstack,
-                           const VisionTowerWeights& grads, Arena& scratch, const VisionBlockCalls& calls = {});
+                           const VisionTowerWeights& grads, Arena& scratch, const VisionBlockCalls& calls = {},
+                           TensorParallel* tp = nullptr);
 
 // HF transformers 5.x get_vision_interpolation_indices_and_weights (bilinear, align_corners=True) for
 // the merge-block patch order, with its fp32 arithmetic: src = index * (G - 1) / max(size - 1, 1),
