@@ -222,6 +222,10 @@ void Trainer::Impl::build() {
   lo.state.seed = cfg.data.seed.value_or(cfg.train.seed);
   lo.sequences_per_batch = cfg.data.sequences_per_batch;
   lo.prefetch = cfg.data.prefetch;
+  // Ranks get equal shares of each step's training FLOPs (not just tokens), so none waits on another's images.
+  lo.cost = [model_flops = flops](const io::SequenceCost& s) {
+    return train_flops(model_flops, s.document_tokens, s.item_patches);
+  };
   // Tensor-parallel ranks share their sequences: the loader splits the data over the other dimensions.
   lo.rank = grid->data().rank();
   lo.world = grid->data().size();
@@ -262,17 +266,14 @@ void Trainer::Impl::build() {
 }
 
 void Trainer::Impl::build_model() {
-  std::unique_ptr<Model> loaded;  // an HF checkpoint, whole
-  ModelConfig mc;
-  if (cfg.model.checkpoint) {
-    loaded = io::load_hf_model(*cfg.model.checkpoint);
-    mc = loaded->config();
-  } else {
-    mc = io::load_model_config(cfg.model.flavor ? *cfg.model.flavor : *cfg.model.config);
-  }
+  ModelConfig mc = io::load_model_config(cfg.model.checkpoint ? *cfg.model.checkpoint
+                                        : cfg.model.flavor   ? *cfg.model.flavor
+                                                             : *cfg.model.config);
   if (cfg.model.router_aux_loss_coef) mc.text.router_aux_loss_coef = *cfg.model.router_aux_loss_coef;
   const ParallelSection& par = cfg.parallel;
   if (par.fsdp * par.ep * par.tp == 1) {
+    std::unique_ptr<Model> loaded;  // an HF checkpoint, whole
+    if (cfg.model.checkpoint) loaded = io::load_hf_model(*cfg.model.checkpoint);
     if (loaded && !cfg.model.router_aux_loss_coef) {
       model = std::move(loaded);
       return;
@@ -289,13 +290,27 @@ void Trainer::Impl::build_model() {
   const TpLayout tp{par.tp, grid->tp_index(), par.ep == 1};
   model = std::make_unique<Model>(mc, DType::f32, tp);
   sharded = std::make_unique<parallel::ShardedParams>(*model, *grid);
-  if (loaded) {
+  if (cfg.model.checkpoint) {
+    // One whole tensor at a time through a staging buffer: every rank copies out its pieces.
     const std::vector<ParamSpec>& specs = model->weights().specs();
-    sharded->load([&](size_t spec, int64_t offset, int64_t numel, float* dst) {
-      const float* whole = loaded->weights().tensor(spec).data<float>();
-      for (const TpRun& r : tp_global_runs(specs[spec], tp, offset, numel))
-        std::copy_n(whole + r.global_offset, r.numel, dst + (r.local_offset - offset));
-    });
+    std::map<std::string, size_t> spec_index;
+    int64_t largest = 0;
+    for (size_t i = 0; i < specs.size(); ++i) {
+      spec_index[specs[i].hf_key] = i;
+      largest = std::max(largest, specs[i].numel());
+    }
+    std::vector<float> staging(static_cast<size_t>(largest));
+    io::load_hf_weights(
+        *cfg.model.checkpoint, mc,
+        [&](const std::string& key) { return Tensor(staging.data(), DType::f32, specs[spec_index.at(key)].shape); },
+        [&](const std::string& key) {
+          const size_t spec = spec_index.at(key);
+          for (const parallel::ShardedParams::Piece& p : sharded->pieces()) {
+            if (p.spec != spec) continue;
+            for (const TpRun& r : tp_global_runs(specs[spec], tp, p.offset, p.numel))
+              std::copy_n(staging.data() + r.global_offset, r.numel, p.param + (r.local_offset - p.offset));
+          }
+        });
   } else {
     sharded->init(cfg.model.init_seed, mc.text.initializer_range);
   }
@@ -644,6 +659,7 @@ void Trainer::Impl::log_memory() {
   for (size_t i = 0; i < adamw->size(); ++i) adam += static_cast<int64_t>(AdamW::state_bytes(adamw->tensor(i).param.numel()));
   int64_t ep_buffers = 0;
   for (const size_t b : workspace->expert_parallel_bytes()) ep_buffers += static_cast<int64_t>(b);
+  if (expert_exchange) ep_buffers += static_cast<int64_t>(expert_exchange_scratch_bytes(*expert_exchange));
   const int64_t acts = static_cast<int64_t>(workspace->activations().capacity());
   const int64_t scratch = static_cast<int64_t>(workspace->scratch().capacity());
   j["weight_shard_bytes"] = weights;

@@ -82,7 +82,8 @@ void read_transposed(std::span<const std::byte> src, StDType dtype, const Tensor
 
 }  // namespace
 
-void load_hf_weights(const std::string& dir, const ModelConfig& config, const WeightLookup& lookup) {
+void load_hf_weights(const std::string& dir, const ModelConfig& config, const WeightLookup& lookup,
+                     const std::function<void(const std::string& key)>& after_read) {
   const SafetensorsDir ckpt(dir);
   const std::vector<ParamSpec> specs = model_param_specs(config);
 
@@ -129,6 +130,7 @@ void load_hf_weights(const std::string& dir, const ModelConfig& config, const We
       file.read(s.hf_key, dst);
     else
       read_transposed(file.bytes(info), info.dtype, dst);
+    if (after_read) after_read(s.hf_key);
   }
 }
 

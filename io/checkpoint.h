@@ -25,7 +25,10 @@ namespace q3vl::io {
 // Returns the f32 host tensor that holds parameter `key` (its shape must be the spec's on-disk shape).
 using WeightLookup = std::function<Tensor(const std::string& key)>;
 
-void load_hf_weights(const std::string& dir, const ModelConfig& config, const WeightLookup& lookup);
+// after_read(key), when set, runs once a tensor is in its destination: a sharded model hands every key the same
+// staging tensor and takes its pieces from it there, so loading never holds more than one whole tensor.
+void load_hf_weights(const std::string& dir, const ModelConfig& config, const WeightLookup& lookup,
+                     const std::function<void(const std::string& key)>& after_read = {});
 
 // Writes config.json and the weights in `dtype` (f32, bf16 or f16): model.safetensors, or shards of at most
 // `max_shard_bytes` (0: no limit) with model.safetensors.index.json, in model_param_specs order.

@@ -1,13 +1,16 @@
-// Loader: manifest + shards -> deterministic, rank-split, prefetched training batches with resumable state.
+// Loader: manifest + shards -> deterministic, cost-balanced rank split, prefetched training batches with
+// resumable state.
 #include "io/loader.h"
 
 #include <algorithm>
+#include <cmath>
 #include <condition_variable>
 #include <deque>
 #include <exception>
 #include <filesystem>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <numeric>
 #include <thread>
 
 #include "core/rng.h"
@@ -16,6 +19,10 @@
 namespace q3vl::io {
 
 namespace fs = std::filesystem;
+
+int64_t SequenceCost::tokens() const {
+  return std::accumulate(document_tokens.begin(), document_tokens.end(), int64_t{0});
+}
 
 std::string LoaderState::to_json() const {
   return nlohmann::json{{"seed", seed}, {"epoch", epoch}, {"position", position}}.dump();
@@ -94,6 +101,16 @@ int64_t append_patches(const ShardItem& item, std::vector<float>& out) {
   return grid.patches();
 }
 
+SequenceCost cost_facts(const ShardSequence& seq) {
+  SequenceCost facts;
+  for (const ShardDocument& doc : seq.documents) {
+    facts.document_tokens.push_back(static_cast<int64_t>(doc.tokens.size()));
+    for (const ShardItem& item : doc.items)
+      facts.item_patches.push_back(int64_t{item.grid_t} * item.grid_h * item.grid_w);
+  }
+  return facts;
+}
+
 }  // namespace
 
 struct Loader::Impl {
@@ -102,6 +119,7 @@ struct Loader::Impl {
   std::vector<ShardReader> shards;
   std::vector<std::pair<int32_t, int64_t>> sequences;  // (shard, sequence in shard), manifest order
   int64_t per_rank = 0, batches_per_epoch = 0;
+  std::vector<double> costs;  // per sequence (manifest order); filled only when balancing over several ranks
 
   // Background production.
   mutable std::mutex mutex;
@@ -125,16 +143,65 @@ struct Loader::Impl {
     return order;
   }
 
+  double sequence_cost(const SequenceCost& facts, int64_t global) const {
+    const int64_t patches = std::accumulate(facts.item_patches.begin(), facts.item_patches.end(), int64_t{0});
+    const double c = options.cost ? options.cost(facts) : static_cast<double>(facts.tokens() + patches);
+    const auto [shard, index] = sequences[global];
+    Q3VL_CHECK(std::isfinite(c) && c >= 0, "loader: the cost of sequence ", index, " of shard ",
+               shards[shard].path(), " is ", c, ", expected finite and >= 0");
+    return c;
+  }
+
+  // Costs of every sequence, from the shards' in-memory index (no token or pixel reads).
+  void compute_costs() {
+    costs.resize(sequences.size());
+    for (size_t g = 0; g < sequences.size(); ++g) {
+      const auto [shard, index] = sequences[g];
+      ShardSequenceSizes sizes = shards[shard].sequence_sizes(index);
+      costs[g] = sequence_cost(SequenceCost{std::move(sizes.document_tokens), std::move(sizes.item_patches)},
+                               static_cast<int64_t>(g));
+    }
+  }
+
+  // The epoch positions (indices into the epoch's order) this rank takes at global step `position`, ascending.
+  std::vector<int64_t> rank_positions(int64_t position, const std::vector<int64_t>& order) const {
+    const int world = options.world;
+    const int64_t spb = options.sequences_per_batch, first = position * world * spb;
+    std::vector<int64_t> mine;
+    if (costs.empty()) {
+      for (int64_t s = 0; s < spb; ++s) mine.push_back(first + s * world + options.rank);
+      return mine;
+    }
+    std::vector<int64_t> heaviest_first(static_cast<size_t>(world * spb));
+    std::iota(heaviest_first.begin(), heaviest_first.end(), first);
+    std::sort(heaviest_first.begin(), heaviest_first.end(), [&](int64_t a, int64_t b) {
+      const double ca = costs[order[a]], cb = costs[order[b]];
+      return ca != cb ? ca > cb : a < b;
+    });
+    std::vector<double> load(world, 0.0);
+    std::vector<int64_t> count(world, 0);
+    for (const int64_t p : heaviest_first) {
+      int lightest = -1;
+      for (int r = 0; r < world; ++r)
+        if (count[r] < spb && (lightest < 0 || load[r] < load[lightest])) lightest = r;
+      load[lightest] += costs[order[p]];
+      ++count[lightest];
+      if (lightest == options.rank) mine.push_back(p);
+    }
+    std::sort(mine.begin(), mine.end());
+    return mine;
+  }
+
   Batch build(const LoaderState& state, const std::vector<int64_t>& order) const {
     Batch b;
     b.cu_seqlens.push_back(0);
     std::vector<int64_t> pt, ph, pw;
-    for (int s = 0; s < options.sequences_per_batch; ++s) {
-      const int64_t local = state.position * options.sequences_per_batch + s;
-      const int64_t global = order[local * options.world + options.rank];
+    for (const int64_t p : rank_positions(state.position, order)) {
+      const int64_t global = order[p];
       b.sequence_ids.push_back(global);
       const auto [shard, index] = sequences[global];
       const ShardSequence seq = shards[shard].read_sequence(index);
+      b.cost += costs.empty() ? sequence_cost(cost_facts(seq), global) : costs[global];
       for (const ShardDocument& doc : seq.documents) {
         const size_t at = b.tokens.size();
         b.tokens.insert(b.tokens.end(), doc.tokens.begin(), doc.tokens.end());
@@ -235,6 +302,7 @@ Loader::Loader(const LoaderOptions& options) : impl_(std::make_unique<Impl>()) {
   s.batches_per_epoch = s.per_rank / options.sequences_per_batch;
   Q3VL_CHECK(s.batches_per_epoch > 0, "loader: ", options.dir, " holds ", s.sequences.size(), " sequences, too few for ",
              options.world, " ranks of ", options.sequences_per_batch, " sequences per batch");
+  if (options.balance && options.world > 1) s.compute_costs();
   s.start(options.state);
 }
 

@@ -1,19 +1,28 @@
 // The trainer's data loader: reads the shards listed in a pack manifest, shuffles the packed sequences
-// deterministically by (seed, epoch), gives each data-parallel rank its own slice, and builds batches on a
-// background thread: tokens, labels, cu_seqlens (one attention block per document), 3-D position ids
-// (SPEC get_rope_index, restarting per document), normalised patches and grids.
+// deterministically by (seed, epoch), gives each data-parallel rank its share of every global batch, and
+// builds batches on a background thread: tokens, labels, cu_seqlens (one attention block per document), 3-D
+// position ids (SPEC get_rope_index, restarting per document), normalised patches and grids.
 //
 // State: (seed, epoch, position) is everything the order depends on (the shuffle is a pure function of
 // seed and epoch through counter-based Philox), so a checkpoint saves state() and a resume passes it to
 // restore() (or LoaderOptions::state) and continues with exactly the batches it would have produced.
 //
-// Order: each epoch permutes all N sequences; rank r takes permuted entries r, r + world, ... (N / world of
-// them, the remainder dropped so ranks stay in step), grouped into batches of sequences_per_batch (a
-// partial last batch is dropped). Opening validates every shard against the manifest (errors name the file
-// and dataset).
+// Order: each epoch permutes all N sequences. Global step p of the epoch (position p) takes the permuted
+// entries [p * world * spb, (p + 1) * world * spb), spb = sequences_per_batch; the epoch has
+// (N / world) / spb steps (the remainder is dropped so ranks stay in step). Within a step the sequences go
+// to ranks either
+//   - balanced (LoaderOptions::balance, the default): longest-processing-time greedy on each sequence's cost
+//     (LoaderOptions::cost), heaviest first (ties: lower permuted position), each to the rank with the least
+//     cost so far that holds fewer than spb (ties: lower rank), so one rank's images do not make every rank
+//     wait at the gradient reduction. Every rank computes the same assignment from the shards' index alone;
+//   - strided: rank r takes the step's entries r, r + world, ...
+// A rank keeps its sequences in permuted order. Both modes give a step the same set of sequences, so they
+// train the same model up to floating-point summation order. Opening validates every shard against the
+// manifest (errors name the file and dataset).
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -25,10 +34,17 @@ namespace q3vl::io {
 struct LoaderState {
   uint64_t seed = 0;
   int64_t epoch = 0;
-  int64_t position = 0;  // next batch index within the epoch (this rank's batches)
+  int64_t position = 0;  // next global step within the epoch (this rank's next batch)
   std::string to_json() const;
   static LoaderState from_json(const std::string& text);
   bool operator==(const LoaderState&) const = default;
+};
+
+// What a packed sequence's training cost depends on.
+struct SequenceCost {
+  std::vector<int64_t> document_tokens;  // per document
+  std::vector<int64_t> item_patches;     // per vision item: grid t * h * w
+  int64_t tokens() const;
 };
 
 struct LoaderOptions {
@@ -37,6 +53,10 @@ struct LoaderOptions {
   int rank = 0, world = 1;
   int sequences_per_batch = 1;
   int prefetch = 2;  // batches built ahead on the background thread
+  bool balance = true;  // balanced (true) or strided assignment of a step's sequences to ranks
+  // A sequence's cost, finite and >= 0; unset: tokens + patches. Called from the loader's threads, so it must
+  // be a pure function, the same on every rank.
+  std::function<double(const SequenceCost&)> cost;
 };
 
 struct Batch {
@@ -47,6 +67,7 @@ struct Batch {
   std::vector<int32_t> grid_thw;             // [items, 3], items in sequence order
   std::vector<uint8_t> item_kind;            // [items], 0 image, 1 video
   std::vector<int64_t> sequence_ids;         // global index (manifest order) of each packed sequence
+  double cost = 0;                           // sum of its sequences' LoaderOptions::cost
   LoaderState state_after;                   // the loader state once this batch is consumed
   int64_t num_tokens() const { return static_cast<int64_t>(tokens.size()); }
 };
@@ -74,7 +95,7 @@ class Loader {
   void restore(const LoaderState& state);
 
   int64_t num_sequences() const;        // in the manifest
-  int64_t batches_per_epoch() const;    // for this rank
+  int64_t batches_per_epoch() const;    // global steps per epoch (one batch per rank each)
   const Manifest& manifest() const;
 
  private:

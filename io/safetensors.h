@@ -119,7 +119,7 @@ struct StWriteEntry {
   Tensor tensor;
   // Called just before the tensor's bytes are read, when set: a sharded model gathers the tensor then, so an
   // export streams instead of holding every tensor at once.
-  std::function<void()> prepare;
+  std::function<void()> prepare = {};
 };
 
 // Writes one .safetensors file. `dtype` is f32, bf16 or f16.

@@ -368,6 +368,18 @@ int64_t ShardReader::sequence_tokens(int64_t i) const {
   return impl_->document_tokens[impl_->sequence_documents[i + 1]] - impl_->document_tokens[impl_->sequence_documents[i]];
 }
 
+ShardSequenceSizes ShardReader::sequence_sizes(int64_t i) const {
+  sequence_tokens(i);
+  const Impl& s = *impl_;
+  ShardSequenceSizes sizes;
+  for (int64_t d = s.sequence_documents[i]; d < s.sequence_documents[i + 1]; ++d) {
+    sizes.document_tokens.push_back(s.document_tokens[d + 1] - s.document_tokens[d]);
+    for (int64_t k = s.document_items[d]; k < s.document_items[d + 1]; ++k)
+      sizes.item_patches.push_back(int64_t{s.item_grid[3 * k]} * s.item_grid[3 * k + 1] * s.item_grid[3 * k + 2]);
+  }
+  return sizes;
+}
+
 ShardSequence ShardReader::read_sequence(int64_t i) const {
   sequence_tokens(i);
   QuietHdf5 quiet;

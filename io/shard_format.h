@@ -43,6 +43,11 @@ struct ShardSequence {
   int64_t num_tokens() const;
 };
 
+struct ShardSequenceSizes {
+  std::vector<int64_t> document_tokens;  // per document
+  std::vector<int64_t> item_patches;     // per item, grid t * h * w
+};
+
 struct ShardHeader {
   int32_t format_version = 0;
   std::string tokenizer_hash;
@@ -73,6 +78,9 @@ class ShardReader {
   const ShardCounts& counts() const;
   // Tokens in sequence i (without reading them).
   int64_t sequence_tokens(int64_t i) const;
+  // Token counts of sequence i's documents and patch counts (grid t * h * w) of its items, from the index
+  // held in memory (reads no tokens or pixels).
+  ShardSequenceSizes sequence_sizes(int64_t i) const;
   // Reads sequence i (hyperslab reads of the datasets it spans).
   ShardSequence read_sequence(int64_t i) const;
 

@@ -23,11 +23,12 @@ if ((sanitize)); then
   echo "== AddressSanitizer + UndefinedBehaviorSanitizer build and tests"
   bash "$root/jobs/build.sh" "$root/build-asan" -DQ3VL_SANITIZE=ON -DQ3VL_BENCHMARKS=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo
   # detect_leaks=0: libgomp keeps its thread pool alive at exit, which LeakSanitizer reports as a leak.
-  # The multi-step training runs (overfit, exact resume, accumulation, the data-parallel equivalence and relayout
-  # runs) take 2-5 minutes each under the sanitizers; they ran in the Release pass, and the trainer's code paths run
-  # here through its shorter tests (bad inputs, non-finite, full disk, freezing, export).
+  # The multi-step training runs (overfit, exact resume, accumulation, the data-, FSDP-, expert- and
+  # tensor-parallel equivalence and relayout runs) take 2-5 minutes each under the sanitizers; they ran in the
+  # Release pass, and the trainer's code paths run here through its shorter tests (bad inputs, non-finite, full
+  # disk, freezing, export) and parallel_train_smoke (2 steps on 4 ranks with FSDP, TP, EP, checkpoint, export).
   (cd "$root/build-asan" && ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
      ctest --output-on-failure -j "$(nproc)" \
-       -E '^(dp_|TrainerTest\.(OverfitsEightSamples|ResumeAfterSignalIsBitExact|GradientAccumulationEqualsTheBiggerBatch)$)')
+       -E '^(dp_|fsdp|ep[24]|tp2|from_hf|TrainerTest\.(OverfitsEightSamples|ResumeAfterSignalIsBitExact|GradientAccumulationEqualsTheBiggerBatch)$)')
 fi
 echo "test.sh: all tests passed"

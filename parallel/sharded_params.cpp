@@ -89,10 +89,6 @@ ShardedParams::ShardedParams(Model& model, ProcessGrid& grid) : model_(model) {
   }
 }
 
-void ShardedParams::load(const std::function<void(size_t, int64_t, int64_t, float*)>& read) {
-  for (const Piece& p : pieces_) read(p.spec, p.offset, p.numel, p.param);
-}
-
 void ShardedParams::init(uint64_t seed, double std) {
   ParamStore& w = model_.weights();
   for (size_t u = 0; u < units_.size(); ++u) {

@@ -50,8 +50,6 @@ class ShardedParams final : public ParamUnitHooks {
   ShardedParams& operator=(const ShardedParams&) = delete;
 
   const std::vector<Piece>& pieces() const { return pieces_; }
-  // Fills the weight shards: read(spec, offset, numel, dst) must write those elements of that parameter.
-  void load(const std::function<void(size_t spec, int64_t offset, int64_t numel, float* dst)>& read);
   // The model's deterministic initialisation (ParamStore::init), materialising one unit at a time.
   void init(uint64_t seed, double std);
   void zero_grads();

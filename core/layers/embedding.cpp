@@ -37,10 +37,16 @@ void embedding_forward(const Tensor& ids, const Tensor& table, const Tensor& y) 
 
 void embedding_backward(const Tensor& ids, const Tensor& dy, const Tensor& dtable) {
   const char* L = "embedding_backward";
+  require(L, "dtable", dtable, dtable.dtype(), {-1, -1});
+  require_ids(L, ids, dtable.size(0));
+  embedding_backward_rows(ids, dy, 0, dtable);
+}
+
+void embedding_backward_rows(const Tensor& ids, const Tensor& dy, int64_t row_begin, const Tensor& dtable) {
+  const char* L = "embedding_backward_rows";
   const DType dt = dtable.dtype();
   require(L, "dtable", dtable, dt, {-1, -1});
-  const int64_t vocab = dtable.size(0), h = dtable.size(1);
-  require_ids(L, ids, vocab);
+  const int64_t rows = dtable.size(0), h = dtable.size(1);
   const int64_t n = ids.numel();
   require(L, "dy", dy, dt, {n, h});
   dispatch_float(L, dt, [&](auto tag) {
@@ -54,8 +60,11 @@ void embedding_backward(const Tensor& ids, const Tensor& dy, const Tensor& dtabl
 #pragma omp parallel for schedule(static)
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t j0 = blk * kBlock, j1 = std::min(h, j0 + kBlock);
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t j = j0; j < j1; ++j) dtp[id[i] * h + j] += g[i * h + j];
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t r = id[i] - row_begin;
+        if (r < 0 || r >= rows) continue;
+        for (int64_t j = j0; j < j1; ++j) dtp[r * h + j] += g[i * h + j];
+      }
     }
   });
 }

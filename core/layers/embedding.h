@@ -10,5 +10,8 @@ namespace q3vl {
 void embedding_forward(const Tensor& ids, const Tensor& table, const Tensor& y);
 // dtable[ids[i]] += dy[i].
 void embedding_backward(const Tensor& ids, const Tensor& dy, const Tensor& dtable);
+// The same for a table holding rows [row_begin, row_begin + rows) of the vocabulary (a vocabulary-parallel
+// slice): ids outside that range are skipped.
+void embedding_backward_rows(const Tensor& ids, const Tensor& dy, int64_t row_begin, const Tensor& dtable);
 
 }  // namespace q3vl

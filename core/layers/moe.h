@@ -46,6 +46,11 @@ class ExpertExchange {
   // recv_rows[q] rows from rank q land back to back in rank order in `recv`.
   virtual void exchange_rows(const void* send, std::span<const int64_t> send_rows, void* recv,
                              std::span<const int64_t> recv_rows, size_t row_bytes) = 0;
+
+  // Transient rows and block indices of moe_forward / moe_backward, shared by every MoE layer of the model
+  // (they run one at a time); they only grow.
+  std::vector<float> scratch;
+  std::vector<int64_t> index;
 };
 
 // The on-disk layouts: router is nn.Linear [E, H]; experts are x @ W with gate_up [E, H, 2I] (gate = first I
@@ -75,10 +80,6 @@ struct MoeSaved {
   std::vector<int64_t> ep_counts;        // [P * El] rows rank q sent for local expert j, at q * El + j
   std::vector<float> ep_x;               // [M, H] received x rows, expert-major (expert j: rank 0's, rank 1's, ...)
   std::vector<float> ep_gate_up_out;     // [M, 2I] ep_x @ gate_up of each row's expert
-  // Transient rows and block indices of moe_forward and moe_backward (mutable: the backward takes MoeSaved
-  // const).
-  mutable std::vector<float> ep_scratch;
-  mutable std::vector<int64_t> ep_index;
 };
 
 // Per-layer routing statistics of the real (valid) tokens, written by moe_forward.
@@ -113,8 +114,10 @@ void moe_backward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, co
                   const MoeSaved& saved, const Tensor& dy, const Tensor& aux_dprob, const Tensor& dx,
                   const MoeGrads& grads, Arena& scratch);
 
-// Bytes of the growable expert-parallel buffers of one MoE layer currently held (capacity), for memory reports.
+// Bytes of the growable expert-parallel buffers of one MoE layer currently held (capacity), for memory reports,
+// and of the transient buffers every layer shares through the exchange.
 size_t moe_expert_parallel_bytes(const MoeSaved& saved);
+size_t expert_exchange_scratch_bytes(const ExpertExchange& exchange);
 
 // Pools the stats of L layers: T = sum of valid tokens, f_e = counts_e / T, P_e = prob_sum_e / T, and returns
 // aux = E * sum_e f_e P_e (0 when T = 0). When aux_dprob ([E], f32 or f64) is defined it is written with

@@ -63,7 +63,7 @@ struct Blocks {
 };
 
 // Lays out the blocks of `counts` (the received [P * El] matrix) in index (E + E + P + P entries, from
-// saved.ep_index); offsets [E + 1] are this rank's sorted rows by global expert.
+// ex.index); offsets [E + 1] are this rank's sorted rows by global expert.
 Blocks lay_out(const ExpertExchange& ex, int64_t E, const int64_t* offsets, const int64_t* counts, int64_t* index) {
   Blocks b;
   b.ranks = ex.size();
@@ -132,7 +132,7 @@ void expert_parallel_forward(const MoeConfig& cfg, const MoeWeights& w, const fl
                              const int64_t* offsets, const int64_t* sorted_pair, MoeSaved& saved, float* rows) {
   ExpertExchange& ex = *cfg.exchange;
   const int64_t E = cfg.num_experts, H = cfg.hidden, I = cfg.expert_ffn, K = cfg.top_k;
-  int64_t* index = grown(saved.ep_index, index_size(E, ex.size()) + E);
+  int64_t* index = grown(ex.index, index_size(E, ex.size()) + E);
   // The first E entries carry the counts this rank sends: rows for each global expert.
   int64_t* send_counts = index + index_size(E, ex.size());
   for (int64_t e = 0; e < E; ++e) send_counts[e] = offsets[e + 1] - offsets[e];
@@ -144,7 +144,7 @@ void expert_parallel_forward(const MoeConfig& cfg, const MoeWeights& w, const fl
   saved.ep_rows = M;
   float* xr = grown(saved.ep_x, M * H);
   float* h = grown(saved.ep_gate_up_out, M * 2 * I);
-  float* arrived = grown(saved.ep_scratch, M * (2 * H + I));
+  float* arrived = grown(ex.scratch, M * (2 * H + I));
   float* act = arrived + M * H;
   float* out = act + M * I;
   const std::span<const int64_t> send_rows(b.send_rows, b.ranks), recv_rows(b.recv_rows, b.ranks);
@@ -175,11 +175,11 @@ void expert_parallel_backward(const MoeConfig& cfg, const MoeWeights& w, const f
                               const MoeSaved& saved, const MoeGrads& grads, float* rows) {
   ExpertExchange& ex = *cfg.exchange;
   const int64_t E = cfg.num_experts, H = cfg.hidden, I = cfg.expert_ffn, K = cfg.top_k, W = H + 1;
-  const Blocks b = lay_out(ex, E, offsets, saved.ep_counts.data(), grown(saved.ep_index, index_size(E, ex.size())));
+  const Blocks b = lay_out(ex, E, offsets, saved.ep_counts.data(), grown(ex.index, index_size(E, ex.size())));
   const int64_t M = b.received, El = b.local_experts;
   const float* xr = aligned_start(saved.ep_x);
   const float* h = aligned_start(saved.ep_gate_up_out);
-  float* arrived = grown(saved.ep_scratch, M * (2 * W + 3 * I));
+  float* arrived = grown(ex.scratch, M * (2 * W + 3 * I));
   float* grouped = arrived + M * W;
   float* grad_act = grouped + M * W;
   float* dh = grad_act + M * I;
@@ -220,8 +220,12 @@ void expert_parallel_backward(const MoeConfig& cfg, const MoeWeights& w, const f
 }  // namespace moe_detail
 
 size_t moe_expert_parallel_bytes(const MoeSaved& saved) {
-  return sizeof(int64_t) * (saved.ep_counts.capacity() + saved.ep_index.capacity()) +
-         sizeof(float) * (saved.ep_x.capacity() + saved.ep_gate_up_out.capacity() + saved.ep_scratch.capacity());
+  return sizeof(int64_t) * saved.ep_counts.capacity() +
+         sizeof(float) * (saved.ep_x.capacity() + saved.ep_gate_up_out.capacity());
+}
+
+size_t expert_exchange_scratch_bytes(const ExpertExchange& exchange) {
+  return sizeof(float) * exchange.scratch.capacity() + sizeof(int64_t) * exchange.index.capacity();
 }
 
 }  // namespace q3vl

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/kernels/cpu/vector_exp.h"
+#include "core/layers/embedding.h"
 #include "core/layer_checks.h"
 
 namespace q3vl {
@@ -91,25 +92,7 @@ void vocab_parallel_embedding_backward(const Tensor& ids, const Tensor& dy, int6
   const int64_t n = ids.numel();
   require_global_ids(L, "ids", ids, n, kUnknownVocab, false);
   require(L, "dy", dy, dt, {n, h});
-  dispatch_float(L, dt, [&](auto tag) {
-    using T = decltype(tag);
-    const int64_t* id = ids.data<int64_t>();
-    const T* g = dy.data<T>();
-    T* dtp = dtable_local.data<T>();
-    // Parallel over hidden columns, tokens in order: repeated ids accumulate in a fixed order, the same as
-    // embedding_backward's on the whole table.
-    constexpr int64_t kBlock = 64;
-    const int64_t blocks = (h + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static)
-    for (int64_t blk = 0; blk < blocks; ++blk) {
-      const int64_t j0 = blk * kBlock, j1 = std::min(h, j0 + kBlock);
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t r = id[i] - vocab_begin;
-        if (r < 0 || r >= rows) continue;
-        for (int64_t j = j0; j < j1; ++j) dtp[r * h + j] += g[i * h + j];
-      }
-    }
-  });
+  embedding_backward_rows(ids, dy, vocab_begin, dtable_local);
 }
 
 CrossEntropySum vocab_parallel_cross_entropy_forward(const Tensor& logits_local, const Tensor& labels,

@@ -291,6 +291,17 @@ ForwardResult Model::forward(const Batch& batch, Workspace& ws, const ForwardOpt
                          ws.vision, calls, tp_);
     if (embeddings_held) release(unit_ids_.vision_embeddings);
     release(unit_ids_.vision_mergers);
+  } else if (hooks_ != nullptr) {
+    // A sharded store gathers units collectively: a rank without images still takes part in the vision units'
+    // gathers, in the same order as the ranks that run the tower.
+    acquire(unit_ids_.vision_embeddings);
+    acquire(unit_ids_.vision_mergers);
+    release(unit_ids_.vision_embeddings);
+    for (const int u : unit_ids_.vision_blocks) {
+      acquire(u);
+      release(u);
+    }
+    release(unit_ids_.vision_mergers);
   }
 
   // ---- Text decoder ----
@@ -446,6 +457,17 @@ void Model::backward(Workspace& ws, const BackwardOptions& options) {
     // The patch embedding's and position table's gradients need no weights (the pixels take no gradient).
     vision_tower_backward(c.vision, vision_w_, ws.vision, d_embeds,
                           std::span<const Tensor>(d_deepstack.data(), taps), vision_g_, scratch, calls, tp_);
+    gradients_ready(unit_ids_.vision_mergers);
+    release(unit_ids_.vision_mergers);
+    gradients_ready(unit_ids_.vision_embeddings);
+  } else if (hooks_ != nullptr) {
+    // The same collectives as the backward above, with zero gradients (see the forward).
+    acquire(unit_ids_.vision_mergers);
+    for (auto b = unit_ids_.vision_blocks.rbegin(); b != unit_ids_.vision_blocks.rend(); ++b) {
+      acquire(*b);
+      gradients_ready(*b);
+      release(*b);
+    }
     gradients_ready(unit_ids_.vision_mergers);
     release(unit_ids_.vision_mergers);
     gradients_ready(unit_ids_.vision_embeddings);

@@ -1,8 +1,11 @@
 // Loader: position ids per SPEC get_rope_index (hand-computed), batches (cu_seqlens, labels, normalised
-// patches), deterministic shuffle, rank split, exact resume from saved state, and manifest/shard checks.
+// patches), deterministic shuffle, strided and cost-balanced rank split, exact resume from saved state, and
+// manifest/shard checks.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <filesystem>
+#include <map>
 #include <set>
 
 #include "io/io_version.h"
@@ -87,8 +90,59 @@ fs::path make_dataset(const std::string& name, int sequences) {
   return dir;
 }
 
+// Sequence s holds one document {1000 + s, 7, vs, pads, ve, 8, 9} with an image of grid (1, 2 * rows[s], 4):
+// 6 + 2 * rows[s] tokens and 8 * rows[s] patches, so the default cost is 6 + 10 * rows[s]. Two shards.
+fs::path make_sized_dataset(const std::string& name, const std::vector<int32_t>& rows) {
+  const fs::path dir = fs::temp_directory_path() / ("q3vl_test_loader_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  Manifest m{kShardFormatVersion, "fnv1a64:test", 64, {"synthetic.jsonl"}, {}, ""};
+  const int n = static_cast<int>(rows.size());
+  for (int shard = 0; shard < 2; ++shard) {
+    std::vector<ShardSequence> seqs;
+    for (int s = shard * n / 2; s < (shard + 1) * n / 2; ++s) {
+      std::vector<int32_t> tok{1000 + s, 7, kVs};
+      tok.insert(tok.end(), 2 * rows[s], kPadImage);
+      tok.insert(tok.end(), {kVe, 8, 9});
+      std::vector<int32_t> lab(tok.size(), -100);
+      lab.back() = 9;
+      ShardSequence seq;
+      seq.documents.push_back({0, s, tok, lab, {item(VisionKind::image, 1, 2 * rows[s], 4, 3, static_cast<uint8_t>(s))}});
+      seqs.push_back(seq);
+    }
+    const std::string file = "shard-00000-0000" + std::to_string(shard) + ".h5";
+    m.shards.push_back({file, write_shard((dir / file).string(), ShardHeader{kShardFormatVersion, m.tokenizer_hash, 64}, seqs)});
+  }
+  write_manifest((dir / "manifest.json").string(), m);
+  return dir;
+}
+
+double default_cost(int32_t rows) { return 6 + 10.0 * rows; }
+
+// The epoch's permutation (it does not depend on the world size): one rank, one batch of all sequences.
+std::vector<int64_t> epoch_permutation(const fs::path& dir, uint64_t seed, int n) {
+  LoaderOptions o;
+  o.dir = dir.string();
+  o.state.seed = seed;
+  o.sequences_per_batch = n;
+  return Loader(o).next().sequence_ids;
+}
+
+// Every rank's first `steps` batches: [rank][step].
+std::vector<std::vector<Batch>> run_ranks(LoaderOptions o, int world, int steps) {
+  std::vector<std::vector<Batch>> out(world);
+  o.world = world;
+  for (int r = 0; r < world; ++r) {
+    o.rank = r;
+    Loader loader(o);
+    for (int i = 0; i < steps; ++i) out[r].push_back(loader.next());
+  }
+  return out;
+}
+
 void expect_same_batch(const Batch& a, const Batch& b) {
   EXPECT_EQ(a.sequence_ids, b.sequence_ids);
+  EXPECT_EQ(a.cost, b.cost);
   EXPECT_EQ(a.tokens, b.tokens);
   EXPECT_EQ(a.labels, b.labels);
   EXPECT_EQ(a.cu_seqlens, b.cu_seqlens);
@@ -166,6 +220,165 @@ TEST(Loader, ResumeEqualsStraightRun) {
   EXPECT_EQ(std::set<int64_t>(e0.begin(), e0.end()).size(), 10u);
   EXPECT_EQ(std::set<int64_t>(e1.begin(), e1.end()).size(), 10u);
   EXPECT_NE(e0, e1);
+  fs::remove_all(dir);
+}
+
+TEST(Loader, BalancedStepsHoldTheStridedSets) {
+  std::vector<int32_t> rows(26);
+  for (int s = 0; s < 26; ++s) rows[s] = 1 + (s * 7) % 5;
+  const fs::path dir = make_sized_dataset("balanced_sets", rows);
+  const std::vector<int64_t> order = epoch_permutation(dir, 5, 26);
+  std::map<int64_t, int64_t> position_of;
+  for (size_t p = 0; p < order.size(); ++p) position_of[order[p]] = static_cast<int64_t>(p);
+  constexpr int spb = 2;
+  for (const int world : {2, 3, 4}) {
+    SCOPED_TRACE("world " + std::to_string(world));
+    LoaderOptions o;
+    o.dir = dir.string();
+    o.state.seed = 5;
+    o.sequences_per_batch = spb;
+    const int steps = 26 / world / spb;
+    o.balance = false;
+    const auto strided = run_ranks(o, world, steps);
+    o.balance = true;
+    const auto balanced = run_ranks(o, world, steps);
+    const auto again = run_ranks(o, world, steps);
+    for (int p = 0; p < steps; ++p) {
+      std::vector<int64_t> step_set(order.begin() + p * world * spb, order.begin() + (p + 1) * world * spb);
+      std::sort(step_set.begin(), step_set.end());
+      std::vector<int64_t> strided_union, balanced_union;
+      for (int r = 0; r < world; ++r) {
+        for (int s = 0; s < spb; ++s) EXPECT_EQ(strided[r][p].sequence_ids.at(s), order[(p * spb + s) * world + r]);
+        const Batch& b = balanced[r][p];
+        ASSERT_EQ(b.sequence_ids.size(), static_cast<size_t>(spb));
+        EXPECT_TRUE(std::is_sorted(b.sequence_ids.begin(), b.sequence_ids.end(),
+                                   [&](int64_t x, int64_t y) { return position_of[x] < position_of[y]; }));
+        double cost = 0;
+        for (const int64_t id : b.sequence_ids) cost += default_cost(rows[id]);
+        EXPECT_EQ(b.cost, cost);  // small integers: exact in double
+        expect_same_batch(b, again[r][p]);
+        strided_union.insert(strided_union.end(), strided[r][p].sequence_ids.begin(), strided[r][p].sequence_ids.end());
+        balanced_union.insert(balanced_union.end(), b.sequence_ids.begin(), b.sequence_ids.end());
+      }
+      // Sorted, not deduplicated: each of the step's sequences goes to exactly one rank.
+      std::sort(strided_union.begin(), strided_union.end());
+      std::sort(balanced_union.begin(), balanced_union.end());
+      EXPECT_EQ(strided_union, step_set);
+      EXPECT_EQ(balanced_union, step_set);
+    }
+  }
+  fs::remove_all(dir);
+}
+
+TEST(Loader, BalancingEvensHeavySequences) {
+  // Light sequences cost 6 + 10 = 16, heavy ones 6 + 40 = 46 (default cost). Strided puts both heavy sequences
+  // of step 0 on rank 0 (92 against 32). LPT: heavy -> r0, heavy -> r1, then the lights fill the lightest
+  // ranks with room: world 2: {62, 62}; world 3: r2 takes two lights first, {62, 62, 32}, which is optimal
+  // (some rank holds two lights; the two heavies apart, each with a light, give the least maximum).
+  for (const int world : {2, 3}) {
+    SCOPED_TRACE("world " + std::to_string(world));
+    const int n = 4 * world;  // 2 steps of 2 sequences per rank
+    std::vector<int32_t> rows(n, 1);
+    const fs::path uniform = make_sized_dataset("heavy_uniform", rows);
+    LoaderOptions o;
+    o.dir = uniform.string();
+    o.state.seed = 77;
+    o.sequences_per_batch = 2;
+    o.world = world;
+    o.balance = false;
+    const std::vector<int64_t> heavy = Loader(o).next().sequence_ids;  // rank 0's first batch
+    fs::remove_all(uniform);
+    for (const int64_t id : heavy) rows[id] = 4;
+    const fs::path dir = make_sized_dataset("heavy", rows);  // same N and seed: same permutation
+    o.dir = dir.string();
+    const std::vector<int64_t> order = epoch_permutation(dir, 77, n);
+
+    const auto load_ratio = [](const std::vector<double>& loads) {
+      return *std::max_element(loads.begin(), loads.end()) / *std::min_element(loads.begin(), loads.end());
+    };
+    std::vector<double> strided, balanced;
+    const auto strided_batches = run_ranks(o, world, 1);
+    o.balance = true;
+    const auto balanced_batches = run_ranks(o, world, 1);
+    for (int r = 0; r < world; ++r) {
+      strided.push_back(strided_batches[r][0].cost);
+      balanced.push_back(balanced_batches[r][0].cost);
+    }
+    EXPECT_EQ(strided_batches[0][0].sequence_ids, heavy);
+    EXPECT_DOUBLE_EQ(load_ratio(strided), 92.0 / 32.0);
+    const std::vector<double> want = world == 2 ? std::vector<double>{62, 62} : std::vector<double>{62, 62, 32};
+    EXPECT_EQ(balanced, want);  // small integers: exact in double
+    EXPECT_DOUBLE_EQ(load_ratio(balanced), world == 2 ? 1.0 : 62.0 / 32.0);
+    // Rank 0 holds the first heavy sequence (heaviest, lowest position); with world 3, rank 2 the first two lights.
+    EXPECT_EQ(balanced_batches[0][0].sequence_ids.size(), 2u);
+    EXPECT_TRUE(std::find(balanced_batches[0][0].sequence_ids.begin(), balanced_batches[0][0].sequence_ids.end(),
+                          heavy[0]) != balanced_batches[0][0].sequence_ids.end());
+    if (world == 3) {
+      std::vector<int64_t> lights;
+      for (int p = 0; p < 2 * world; ++p)
+        if (rows[order[p]] == 1 && lights.size() < 2) lights.push_back(order[p]);
+      EXPECT_EQ(balanced_batches[2][0].sequence_ids, lights);
+    }
+    fs::remove_all(dir);
+  }
+}
+
+TEST(Loader, EqualCostsBalanceLikeStrided) {
+  // With every cost equal the ties decide: positions in order, each to the lowest rank among the least
+  // loaded, which is the strided deal. Also shows LoaderOptions::cost replaces the default.
+  std::vector<int32_t> rows(12);
+  for (int s = 0; s < 12; ++s) rows[s] = 1 + s % 3;
+  const fs::path dir = make_sized_dataset("equal_costs", rows);
+  LoaderOptions o;
+  o.dir = dir.string();
+  o.state.seed = 11;
+  o.sequences_per_batch = 2;
+  o.cost = [](const SequenceCost&) { return 2.5; };
+  o.balance = false;
+  const auto strided = run_ranks(o, 3, 2);
+  o.balance = true;
+  const auto balanced = run_ranks(o, 3, 2);
+  for (int r = 0; r < 3; ++r)
+    for (int p = 0; p < 2; ++p) {
+      expect_same_batch(balanced[r][p], strided[r][p]);
+      EXPECT_EQ(balanced[r][p].cost, 5.0);
+    }
+  o.cost = [](const SequenceCost& c) { return c.tokens() > 8 ? -1.0 : 1.0; };
+  o.world = 2;
+  test::expect_error([&] { Loader loader(o); }, "cost of sequence");
+  fs::remove_all(dir);
+}
+
+TEST(Loader, BalancedResumeEqualsStraightRun) {
+  std::vector<int32_t> rows(20);
+  for (int s = 0; s < 20; ++s) rows[s] = 1 + (s * 3) % 4;
+  const fs::path dir = make_sized_dataset("balanced_resume", rows);
+  LoaderOptions o;
+  o.dir = dir.string();
+  o.state.seed = 42;
+  o.rank = 1;
+  o.world = 3;
+  o.sequences_per_batch = 2;  // 20 / 3 / 2 = 3 steps per epoch: N + M crosses two epochs
+  constexpr int N = 2, M = 5;
+  std::vector<Batch> straight;
+  {
+    Loader loader(o);
+    EXPECT_EQ(loader.batches_per_epoch(), 3);
+    for (int i = 0; i < N + M; ++i) straight.push_back(loader.next());
+  }
+  LoaderState saved;
+  {
+    Loader loader(o);
+    for (int i = 0; i < N; ++i) expect_same_batch(loader.next(), straight[i]);
+    saved = loader.state();
+  }
+  EXPECT_EQ(saved, (LoaderState{42, 0, 2}));
+  LoaderOptions resumed = o;
+  resumed.state = saved;
+  Loader loader(resumed);
+  for (int i = 0; i < M; ++i) expect_same_batch(loader.next(), straight[N + i]);
+  loader.restore(LoaderState{42, 1, 1});
+  expect_same_batch(loader.next(), straight[4]);
   fs::remove_all(dir);
 }
 

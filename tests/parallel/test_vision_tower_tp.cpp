@@ -28,30 +28,19 @@
 #include "core/model/vision_tower.h"
 #include "core/rng.h"
 #include "parallel/comm.h"
+#include "parallel/tensor_parallel_comm.h"
 #include "tests/parallel/mpi_world.h"
 
 namespace q3vl::test {
 namespace {
 
 using parallel::Comm;
+using parallel::CommTensorParallel;
 
 constexpr double kRelTol = 1e-12;  // see the header comment
 constexpr uint64_t kSeed = 11;
 constexpr double kInitStd = 0.3;  // O(1) activations through the blocks (HF's 0.02 would make them tiny)
 
-// The test's TensorParallel over a Comm: the whole communicator is the tp group.
-class CommTensorParallel final : public TensorParallel {
- public:
-  explicit CommTensorParallel(Comm& comm) : comm_(comm) {}
-  int size() const override { return comm_.size(); }
-  int rank() const override { return comm_.rank(); }
-  void all_reduce_sum(std::span<float> data) override { comm_.all_reduce_sum(data); }
-  void all_reduce_sum(std::span<double> data) override { comm_.all_reduce_sum(data); }
-  void all_reduce_max(std::span<float> data) override { comm_.all_reduce_max(data); }
-
- private:
-  Comm& comm_;
-};
 
 // Vision heads (12), FFN width (72) and merged width (192) split over 1, 2, 3 and 4 ranks, as do the text
 // sizes check_tp_layout also asks for; head_dim 4 is the smallest the 2-D rotary allows.
