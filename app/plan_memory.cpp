@@ -92,8 +92,8 @@ PlanMemory plan_memory(const ModelConfig& c, const PlanLayoutArgs& l, const Batc
   m.grad_shard = kF32 * p.stored;
   m.adamw = 2 * kF32 * p.stored;
   m.gathered = (2 + 1) * kF32 * p.largest_unit;
-  m.activations = static_cast<int64_t>(Workspace::activation_bytes(c, shape, DType::f32));
-  m.scratch = static_cast<int64_t>(Workspace::scratch_bytes(c, shape, DType::f32));
+  m.activations = static_cast<int64_t>(Workspace::activation_bytes(c, shape, DType::f32, l.ep > 1));
+  m.scratch = static_cast<int64_t>(Workspace::scratch_bytes(c, shape, DType::f32, l.ep > 1));
   if (l.ep > 1) {
     const int64_t row = c.text.hidden_size + 2 * c.text.moe_intermediate_size;
     m.ep_buffers = c.num_moe_layers() * shape.tokens() * c.text.num_experts_per_tok * row * kF32;

@@ -17,8 +17,8 @@
 //   data-parallel dimension, torchtitan's dp_shard = fsdp x ep); its local experts over the fsdp ranks holding
 //   the same experts. Each part is padded to a multiple of its shard group.
 // - Memory (PlanMemory): weights and gradients fp32 (4 B per element), AdamW moments 2 x 4 B. FSDP gathers a
-//   unit before its forward and again before its backward, the next one prefetched: 2 x the largest unit's
-//   local weights (in use + gather staging) + 1 x its gradients before their reduce-scatter; a part whose
+//   unit before its forward and again before its backward: 2 x the largest unit's local weights (in use +
+//   the collective's staging buffer, or a prefetched next unit) + 1 x its gradients before their reduce-scatter; a part whose
 //   shard group is one rank is not gathered. Activations and scratch are the model's workspace sizes
 //   (Workspace::activation_bytes / scratch_bytes) of the rank's micro-batch, computed at tp = 1 (TP would
 //   shrink attention and MLP activations; not modelled). With ep > 1 the rows a rank receives for its experts

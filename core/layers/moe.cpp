@@ -25,15 +25,15 @@ size_t bytes_of(int64_t numel, size_t elem) { return Arena::aligned(static_cast<
 
 // Allocation sizes in the order the forward and backward carve them; the byte functions sum the same list.
 // Expert parallelism keeps gate_up_out and the activations on the owners (MoeSaved's vectors) instead.
-size_t saved_bytes(const MoeConfig& c, int64_t n, size_t f) {
+size_t saved_bytes(const MoeConfig& c, int64_t n, size_t f, bool expert_parallel) {
   const int64_t pairs = n * c.top_k;
   const size_t routing = bytes_of(n * c.num_experts, f) + bytes_of(pairs, 8) + bytes_of(pairs, f) +
                          bytes_of(c.num_experts + 1, 8) + bytes_of(pairs, 8) + bytes_of(pairs, 8);
-  return c.exchange ? routing : routing + bytes_of(pairs * 2 * c.expert_ffn, f);
+  return expert_parallel ? routing : routing + bytes_of(pairs * 2 * c.expert_ffn, f);
 }
-size_t forward_scratch_bytes(const MoeConfig& c, int64_t n, size_t f) {
+size_t forward_scratch_bytes(const MoeConfig& c, int64_t n, size_t f, bool expert_parallel) {
   const int64_t pairs = n * c.top_k;
-  if (c.exchange) return bytes_of(pairs * c.hidden, f);
+  if (expert_parallel) return bytes_of(pairs * c.hidden, f);
   return bytes_of(pairs * c.hidden, f) + bytes_of(pairs * c.expert_ffn, f);
 }
 
@@ -306,15 +306,15 @@ void backward_impl(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, V
 
 }  // namespace
 
-size_t moe_forward_arena_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype) {
+size_t moe_forward_arena_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype, bool expert_parallel) {
   const size_t f = dtype_size(dtype);
-  return saved_bytes(cfg, tokens, f) + forward_scratch_bytes(cfg, tokens, f);
+  return saved_bytes(cfg, tokens, f, expert_parallel) + forward_scratch_bytes(cfg, tokens, f, expert_parallel);
 }
 
-size_t moe_backward_scratch_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype) {
+size_t moe_backward_scratch_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype, bool expert_parallel) {
   const size_t f = dtype_size(dtype);
   const int64_t pairs = tokens * cfg.top_k;
-  if (cfg.exchange)
+  if (expert_parallel)
     return bytes_of(pairs * (cfg.hidden + 1), f) + bytes_of(pairs, f) + bytes_of(tokens * cfg.num_experts, f);
   return bytes_of(pairs * cfg.hidden, f) + bytes_of(pairs * cfg.expert_ffn, f) +
          bytes_of(pairs * 2 * cfg.expert_ffn, f) + bytes_of(pairs, f) + bytes_of(tokens * cfg.num_experts, f);
@@ -333,7 +333,7 @@ void moe_forward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, con
   require(L, "stats.prob_sum", stats.prob_sum, DType::f64, {cfg.num_experts});
   const ValidMask mask = check_valid(L, valid, n);
   if (cfg.exchange) moe_detail::check_expert_parallel(L, cfg, dt);
-  check_free(L, "saved_arena", saved_arena, moe_forward_arena_bytes(cfg, n, dt));
+  check_free(L, "saved_arena", saved_arena, moe_forward_arena_bytes(cfg, n, dt, cfg.exchange != nullptr));
   dispatch_float(L, dt, [&](auto tag) {
     forward_impl<decltype(tag)>(cfg, w, x, mask, saved_arena, saved, y, stats);
   });
@@ -366,7 +366,7 @@ void moe_backward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, co
     require(L, "saved.gate_up_out", saved.gate_up_out, dt, {n * K, 2 * I});
   }
   const ValidMask mask = check_valid(L, valid, n);
-  check_free(L, "scratch", scratch, moe_backward_scratch_bytes(cfg, n, dt));
+  check_free(L, "scratch", scratch, moe_backward_scratch_bytes(cfg, n, dt, cfg.exchange != nullptr));
   dispatch_float(L, dt, [&](auto tag) {
     backward_impl<decltype(tag)>(cfg, w, x, mask, saved, dy, aux_dprob, dx, grads, scratch);
   });

@@ -91,9 +91,10 @@ struct MoeStats {
 
 // Bytes moe_forward takes from its saved arena for N tokens: the MoeSaved tensors (kept) plus the forward's
 // scratch (released before it returns), alignment included.
-size_t moe_forward_arena_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype);
+// expert_parallel: sized for the expert-parallel path (cfg.exchange set), which keeps no expert outputs here.
+size_t moe_forward_arena_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype, bool expert_parallel = false);
 // Bytes moe_backward takes (and releases) from its scratch arena for N tokens.
-size_t moe_backward_scratch_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype);
+size_t moe_backward_scratch_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype, bool expert_parallel = false);
 
 // x [N, H]; valid: u8 or i64 [N] of 0/1 (1 = real token), or undefined for all valid; y [N, H] written.
 // Padding tokens are routed and computed like the others (as in HF) but left out of `stats`.

@@ -68,7 +68,7 @@ BatchShape BatchShape::of(const Batch& b) {
   return s;
 }
 
-size_t Workspace::activation_bytes(const ModelConfig& c, const BatchShape& s, DType dt) {
+size_t Workspace::activation_bytes(const ModelConfig& c, const BatchShape& s, DType dt, bool expert_parallel) {
   const int64_t n = s.tokens(), h = c.text.hidden_size, visual = s.patches() / c.vision.merge_unit();
   // Layout: ids copy, targets, valid, cu_seqlens, doc_real, cos, sin, visual positions.
   size_t total = 2 * bytes(n, DType::i64) + bytes(n, DType::u8) + bytes(n + 1, DType::i64) + bytes(n, DType::i64) + 2 * bytes(n * c.text.head_dim, dt) +
@@ -80,8 +80,8 @@ size_t Workspace::activation_bytes(const ModelConfig& c, const BatchShape& s, DT
   total += bytes(n * h, dt);
   size_t transient = 0;
   for (int l = 0; l < c.text.num_hidden_layers; ++l) {
-    const size_t t = decoder_layer_transient_bytes(c, l, n, dt);
-    total += decoder_layer_activation_bytes(c, l, n, dt) - t;
+    const size_t t = decoder_layer_transient_bytes(c, l, n, dt, expert_parallel);
+    total += decoder_layer_activation_bytes(c, l, n, dt, expert_parallel) - t;
     transient = std::max(transient, t);
   }
   total += transient;
@@ -90,13 +90,13 @@ size_t Workspace::activation_bytes(const ModelConfig& c, const BatchShape& s, DT
   return total;
 }
 
-size_t Workspace::scratch_bytes(const ModelConfig& c, const BatchShape& s, DType dt) {
+size_t Workspace::scratch_bytes(const ModelConfig& c, const BatchShape& s, DType dt, bool expert_parallel) {
   const int64_t n = s.tokens(), h = c.text.hidden_size, visual = s.patches() / c.vision.merge_unit();
   const size_t visual_grads =
       (1 + c.vision.deepstack_visual_indexes.size()) * bytes(visual * c.vision.out_hidden_size, dt);
   size_t layer = 0;
   for (int l = 0; l < c.text.num_hidden_layers; ++l)
-    layer = std::max(layer, decoder_layer_scratch_bytes(c, l, n, s.seq, dt));
+    layer = std::max(layer, decoder_layer_scratch_bytes(c, l, n, s.seq, dt, expert_parallel));
   const size_t text = 2 * bytes(n * h, dt) + bytes(std::max(c.text.num_experts, 1), dt) + layer;
   const size_t vision =
       s.patches() > 0 ? vision_tower_scratch_bytes(c.vision, {s.patches(), s.items, s.frames}, dt) : 0;
@@ -106,8 +106,8 @@ size_t Workspace::scratch_bytes(const ModelConfig& c, const BatchShape& s, DType
 
 Workspace::Workspace(const Model& model, const BatchShape& capacity)
     : capacity_(capacity),
-      acts_("activations", activation_bytes(model.config(), capacity, model.dtype())),
-      scratch_("scratch", scratch_bytes(model.config(), capacity, model.dtype())),
+      acts_("activations", activation_bytes(model.config(), capacity, model.dtype(), model.expert_parallel())),
+      scratch_("scratch", scratch_bytes(model.config(), capacity, model.dtype(), model.expert_parallel())),
       vision(model.config().vision),
       layers(model.config().text.num_hidden_layers),
       d_deepstack(model.config().vision.deepstack_visual_indexes.size()),

@@ -94,8 +94,11 @@ class Workspace {
  public:
   Workspace(const Model& model, const BatchShape& capacity);
 
-  static size_t activation_bytes(const ModelConfig& config, const BatchShape& shape, DType dtype);
-  static size_t scratch_bytes(const ModelConfig& config, const BatchShape& shape, DType dtype);
+  // expert_parallel: the MoE layers take the expert-parallel path (Model::set_expert_exchange).
+  static size_t activation_bytes(const ModelConfig& config, const BatchShape& shape, DType dtype,
+                                 bool expert_parallel = false);
+  static size_t scratch_bytes(const ModelConfig& config, const BatchShape& shape, DType dtype,
+                              bool expert_parallel = false);
 
   const BatchShape& capacity() const { return capacity_; }
   Arena& activations() { return acts_; }
@@ -155,6 +158,7 @@ class Model {
   // [rank * V / size, (rank + 1) * V / size), while the losses are global.
   void set_tensor_parallel(TensorParallel* tp);
   const TpLayout& tp_layout() const { return weights_.tp(); }
+  bool expert_parallel() const { return exchange_ != nullptr; }
   const std::vector<ParamUnit>& units() const { return weights_.units(); }
 
  private:

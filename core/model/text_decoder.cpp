@@ -20,9 +20,11 @@ namespace {
 
 size_t bytes(int64_t elems, DType dtype) { return Arena::aligned(static_cast<size_t>(elems) * dtype_size(dtype)); }
 
-// The MoE forward's own scratch (released before it returns): the gathered rows and the SwiGLU output.
-size_t moe_transient_bytes(const MoeConfig& m, int64_t n, DType dt) {
-  return bytes(n * m.top_k * m.hidden, dt) + bytes(n * m.top_k * m.expert_ffn, dt);
+// The MoE forward's own scratch (released before it returns): the gathered rows and the SwiGLU output (the
+// expert-parallel path keeps its expert-side rows outside the arena).
+size_t moe_transient_bytes(const MoeConfig& m, int64_t n, DType dt, bool expert_parallel) {
+  const size_t rows = bytes(n * m.top_k * m.hidden, dt);
+  return expert_parallel ? rows : rows + bytes(n * m.top_k * m.expert_ffn, dt);
 }
 
 // Dense MLP projections: gate and up written side by side into gate_up [N, 2I] (the fused layout swiglu
@@ -122,12 +124,12 @@ TextWeights text_weights(const ModelConfig& config, const ParamStore& s) {
   return w;
 }
 
-size_t decoder_layer_activation_bytes(const ModelConfig& config, int layer, int64_t n, DType dt) {
+size_t decoder_layer_activation_bytes(const ModelConfig& config, int layer, int64_t n, DType dt, bool expert_parallel) {
   const TextConfig& c = config.text;
   const int64_t h = c.hidden_size;
   size_t total = 4 * bytes(n * h, dt) + 2 * bytes(n, dt) + attention_block_saved_bytes(text_attention_config(c), n, dt);
   if (config.is_moe_layer(layer)) {
-    total += moe_forward_arena_bytes(text_moe_config(c), n, dt) + bytes(c.num_experts, DType::i64) +
+    total += moe_forward_arena_bytes(text_moe_config(c), n, dt, expert_parallel) + bytes(c.num_experts, DType::i64) +
              bytes(c.num_experts, DType::f64);
   } else {
     total += bytes(n * 2 * c.intermediate_size, dt) + bytes(n * c.intermediate_size, dt);
@@ -135,15 +137,16 @@ size_t decoder_layer_activation_bytes(const ModelConfig& config, int layer, int6
   return total;
 }
 
-size_t decoder_layer_transient_bytes(const ModelConfig& config, int layer, int64_t n, DType dt) {
-  return config.is_moe_layer(layer) ? moe_transient_bytes(text_moe_config(config.text), n, dt) : 0;
+size_t decoder_layer_transient_bytes(const ModelConfig& config, int layer, int64_t n, DType dt, bool expert_parallel) {
+  return config.is_moe_layer(layer) ? moe_transient_bytes(text_moe_config(config.text), n, dt, expert_parallel) : 0;
 }
 
-size_t decoder_layer_scratch_bytes(const ModelConfig& config, int layer, int64_t n, int64_t max_padding, DType dt) {
+size_t decoder_layer_scratch_bytes(const ModelConfig& config, int layer, int64_t n, int64_t max_padding, DType dt,
+                                   bool expert_parallel) {
   const TextConfig& c = config.text;
   const size_t forward = bytes(max_padding * c.num_attention_heads * c.head_dim, dt);
   const size_t mlp = config.is_moe_layer(layer)
-                         ? moe_backward_scratch_bytes(text_moe_config(c), n, dt)
+                         ? moe_backward_scratch_bytes(text_moe_config(c), n, dt, expert_parallel)
                          : bytes(n * c.intermediate_size, dt) + bytes(n * 2 * c.intermediate_size, dt);
   const size_t backward =
       2 * bytes(n * c.hidden_size, dt) + std::max(attention_block_scratch_bytes(text_attention_config(c), n, dt), mlp);

@@ -64,12 +64,15 @@ AttentionConfig text_attention_config(const TextConfig& config);
 MoeConfig text_moe_config(const TextConfig& config);
 
 // Activation-arena bytes of one layer for n tokens (saved tensors plus the MoE's transient scratch).
-size_t decoder_layer_activation_bytes(const ModelConfig& config, int layer, int64_t n, DType dtype);
+// expert_parallel: sized for MoE layers on the expert-parallel path (moe.h).
+size_t decoder_layer_activation_bytes(const ModelConfig& config, int layer, int64_t n, DType dtype,
+                                      bool expert_parallel = false);
 // The part of decoder_layer_activation_bytes the forward only borrows (released before it returns).
-size_t decoder_layer_transient_bytes(const ModelConfig& config, int layer, int64_t n, DType dtype);
+size_t decoder_layer_transient_bytes(const ModelConfig& config, int layer, int64_t n, DType dtype,
+                                     bool expert_parallel = false);
 // Scratch-arena bytes of the forward (padding attention) and the backward of one layer.
 size_t decoder_layer_scratch_bytes(const ModelConfig& config, int layer, int64_t n, int64_t max_padding,
-                                   DType dtype);
+                                   DType dtype, bool expert_parallel = false);
 
 // h_in [N, H]; writes s.h_out (allocated in acts) and everything the backward needs.
 void decoder_layer_forward(const ModelConfig& config, int layer, const DecoderLayerWeights& w,
