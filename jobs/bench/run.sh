@@ -15,21 +15,7 @@ warmup_steps=2
 
 if [[ ! -f "$bench/packed/manifest.json" ]]; then
   mkdir -p "$bench"
-  # The samples whose images are exactly 512 x 512: smart_resize keeps that size (a multiple of 32 within the
-  # default pixel budget), so every image is 32 x 32 patches, 256 LLM tokens.
-  python3 - "$data/captions.jsonl" "$bench/captions-512px.jsonl" <<'EOF'
-import json, os, sys
-src, dst = sys.argv[1], sys.argv[2]
-square = {"000000003.jpg", "000000007.jpg", "000000019.jpg", "000000025.jpg", "000000027.jpg", "000000033.jpg",
-          "000000038.jpg"}
-folder = os.path.dirname(os.path.abspath(src))
-with open(src) as f, open(dst, "w") as out:
-    for line in f:
-        sample = json.loads(line)
-        if sample["images"][0] in square:
-            sample["images"] = [os.path.join(folder, name) for name in sample["images"]]
-            out.write(json.dumps(sample) + "\n")
-EOF
+  python3 "$root/jobs/bench/select_512px.py" "$data/captions.jsonl" "$bench/captions-512px.jsonl"
   "$q3vl" pack --input "$bench/captions-512px.jsonl" --tokenizer "$root/tests/shared/assets/qwen3-tokenizer/tokenizer.json" \
     --out "$bench/packed" --max-len 2096 --quiet
 fi

@@ -19,23 +19,7 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 # 4 copies of the benchmark's sequence: the same 7 samples packed 4 times, one sequence per rank and step.
 if [[ ! -f "$bench/packed4/manifest.json" ]]; then
   mkdir -p "$bench"
-  python3 - "$data/captions.jsonl" "$bench/captions-512px-x4.jsonl" <<'PY'
-import json, os, sys
-src, dst = sys.argv[1], sys.argv[2]
-square = {"000000003.jpg", "000000007.jpg", "000000019.jpg", "000000025.jpg", "000000027.jpg", "000000033.jpg",
-          "000000038.jpg"}
-folder = os.path.dirname(os.path.abspath(src))
-samples = []
-for line in open(src):
-    sample = json.loads(line)
-    if sample["images"][0] in square:
-        sample["images"] = [os.path.join(folder, name) for name in sample["images"]]
-        samples.append(sample)
-with open(dst, "w") as out:
-    for copy in range(4):
-        for sample in samples:
-            out.write(json.dumps(sample) + "\n")
-PY
+  python3 "$root/jobs/bench/select_512px.py" "$data/captions.jsonl" "$bench/captions-512px-x4.jsonl" 4
   "$q3vl" pack --input "$bench/captions-512px-x4.jsonl" --tokenizer "$root/tests/shared/assets/qwen3-tokenizer/tokenizer.json" \
     --out "$bench/packed4" --max-len 2096 --quiet
 fi

@@ -17,11 +17,14 @@
 #include "io/checkpoint.h"
 #include "io/float16.h"
 #include "io/hf_config.h"
+#include "tests/io/checkpoint_fixtures.h"
 #include "tests/support/gradcheck.h"
 #include "tests/support/test_files.h"
 
 namespace q3vl::io {
 namespace {
+
+using test_fixtures::small_vocab;
 
 namespace fs = std::filesystem;
 using test::TempDir;
@@ -54,17 +57,6 @@ struct Weights {
     return [this](const std::string& key) { return tensor(key); };
   }
 };
-
-// The tiny MoE flavor with a 512-token vocabulary (special tokens moved inside it), so the error cases do not
-// each write the 151936-row embedding tables.
-ModelConfig small_vocab(ModelConfig c) {
-  c.text.vocab_size = 512;
-  c.image_token_id = 500;
-  c.video_token_id = 501;
-  c.vision_start_token_id = 502;
-  c.vision_end_token_id = 503;
-  return c;
-}
 
 // Rewrites the header of a safetensors file through `edit` (data bytes kept).
 void edit_header(const std::string& path, const std::function<void(json&)>& edit) {
@@ -114,13 +106,13 @@ TEST(Checkpoint, SaveLoadSaveIsByteIdenticalOnTheTinyFlavors) {
 
 TEST(Checkpoint, F32AndF16StorageRoundTrip) {
   TempDir tmp;
-  check_round_trip(tmp / "f32", small_vocab(load_model_config("tiny-moe")), DType::f32);
-  check_round_trip(tmp / "f16", small_vocab(load_model_config("tiny-dense")), DType::f16);
+  check_round_trip(tmp / "f32", small_vocab("tiny-moe"), DType::f32);
+  check_round_trip(tmp / "f16", small_vocab("tiny-dense"), DType::f16);
 }
 
 TEST(Checkpoint, ShardedSaveLoadsAndRewritesIdentically) {
   TempDir tmp;
-  const ModelConfig config = small_vocab(load_model_config("tiny-moe"));
+  const ModelConfig config = small_vocab("tiny-moe");
   Weights original(config, 3);
   const StDirLayout layout = save_hf_checkpoint(tmp / "a", config, original.lookup(), DType::bf16, 64 * 1024);
   ASSERT_GT(layout.files.size(), 2u);
@@ -137,7 +129,7 @@ TEST(Checkpoint, ShardedSaveLoadsAndRewritesIdentically) {
 
 TEST(Checkpoint, ExpertsInTheTransformersFiveLayoutAreTransposedOnLoad) {
   TempDir tmp;
-  const ModelConfig config = small_vocab(load_model_config("tiny-moe"));
+  const ModelConfig config = small_vocab("tiny-moe");
   Weights original(config, 19);
   std::vector<std::vector<float>> transposed;
   std::vector<StWriteEntry> entries;
@@ -187,7 +179,7 @@ struct BadCase {
 
 TEST(Checkpoint, BadCheckpointsAreErrorsNamingKeyAndFile) {
   TempDir tmp;
-  const ModelConfig config = small_vocab(load_model_config("tiny-moe"));
+  const ModelConfig config = small_vocab("tiny-moe");
   const std::string q_proj = "model.language_model.layers.1.self_attn.q_proj.weight";
   const std::string k_proj = "model.language_model.layers.2.self_attn.k_proj.weight";
   const std::string last = "model.language_model.norm.weight";
@@ -265,7 +257,7 @@ TEST(Checkpoint, BadCheckpointsAreErrorsNamingKeyAndFile) {
 
 TEST(Checkpoint, TiedModelsAcceptOnlyAnIdenticalStoredHead) {
   TempDir tmp;
-  const ModelConfig config = small_vocab(load_model_config("tiny-dense"));
+  const ModelConfig config = small_vocab("tiny-dense");
   ASSERT_TRUE(config.tie_word_embeddings);
   Weights w(config, 13);
   const std::string embed = "model.language_model.embed_tokens.weight";
@@ -289,7 +281,7 @@ TEST(Checkpoint, TiedModelsAcceptOnlyAnIdenticalStoredHead) {
 
 TEST(Checkpoint, DestinationsAreChecked) {
   TempDir tmp;
-  const ModelConfig config = small_vocab(load_model_config("tiny-moe"));
+  const ModelConfig config = small_vocab("tiny-moe");
   Weights w(config, 17);
   save_hf_checkpoint(tmp / "a", config, w.lookup(), DType::bf16, 0);
   const std::string norm = "model.language_model.norm.weight";

@@ -20,11 +20,16 @@
 #include "io/hf_config.h"
 #include "io/sharded_checkpoint.h"
 #include "io/train_checkpoint.h"
+#include "tests/io/checkpoint_fixtures.h"
 #include "tests/support/gradcheck.h"
 #include "tests/support/test_files.h"
 
 namespace q3vl::io {
 namespace {
+
+using test_fixtures::complete_steps;
+using test_fixtures::dir_entries;
+using test_fixtures::small_vocab;
 
 namespace fs = std::filesystem;
 using test::TempDir;
@@ -33,17 +38,6 @@ using Field = CheckpointReader::Field;
 
 // The flavors of this source tree, wherever the build directory is (an explicit Q3VL_FLAVORS_DIR wins).
 const bool kFlavorsFromSourceTree = ::setenv("Q3VL_FLAVORS_DIR", Q3VL_SOURCE_DIR "/jobs/flavors", 0) == 0;
-
-// tiny-moe with a 512-token vocabulary, so a checkpoint is ~1 MB per field instead of two 151936-row tables.
-ModelConfig small_config() {
-  ModelConfig c = load_model_config("tiny-moe");
-  c.text.vocab_size = 512;
-  c.image_token_id = 500;
-  c.video_token_id = 501;
-  c.vision_start_token_id = 502;
-  c.vision_end_token_id = 503;
-  return c;
-}
 
 constexpr int kRanks = 3;
 constexpr const char* kLayout = R"({"fsdp": 2, "ep": 1, "ranks": 3})";
@@ -139,18 +133,6 @@ std::string save_sharded(const std::string& root, int64_t step, const ModelConfi
   return finish_sharded_checkpoint(root, tmp, step, config, kLayout, entries, state_json(step), kYaml, keep);
 }
 
-std::set<std::string> entries_of(const std::string& dir) {
-  std::set<std::string> out;
-  for (const auto& e : fs::directory_iterator(dir)) out.insert(e.path().filename().string());
-  return out;
-}
-
-std::vector<int64_t> steps(const std::string& root) {
-  std::vector<int64_t> out;
-  for (const CheckpointEntry& e : list_complete_checkpoints(root)) out.push_back(e.step);
-  return out;
-}
-
 // Reads [offset, offset + numel) of each field through `reader` and compares bytes with the source; a read
 // fills the destination exactly (the guard element after it must survive).
 void expect_range(const CheckpointReader& reader, const FullState& state, const std::string& key, int64_t offset,
@@ -185,18 +167,18 @@ void expect_reads_match(const CheckpointReader& reader, const FullState& state, 
 
 TEST(ShardedCheckpoint, ThreeRankShardsReadBackBitForBitByAnyRange) {
   TempDir tmp;
-  const ModelConfig config = small_config();
+  const ModelConfig config = small_vocab("tiny-moe");
   const FullState state(config, 11);
   const auto by_rank = state.pieces();
   ASSERT_TRUE(by_rank[2].empty());
   const std::string root = tmp / "run";
   const std::string dir = save_sharded(root, 5, config, state);
   EXPECT_EQ(dir, root + "/step-00000005");
-  EXPECT_EQ(entries_of(root), std::set<std::string>{"step-00000005"});
-  EXPECT_EQ(entries_of(dir),
+  EXPECT_EQ(dir_entries(root), std::set<std::string>{"step-00000005"});
+  EXPECT_EQ(dir_entries(dir),
             (std::set<std::string>{"COMPLETE", "config.json", "config.yaml", "manifest.json", "shard-00000.safetensors",
                                    "shard-00001.safetensors", "shard-00002.safetensors", "trainer_state.json"}));
-  EXPECT_EQ(steps(root), std::vector<int64_t>{5});
+  EXPECT_EQ(complete_steps(root), std::vector<int64_t>{5});
   EXPECT_EQ(hf_config_json(load_model_config(dir), DType::f32), hf_config_json(config, DType::f32));
   EXPECT_TRUE(SafetensorsFile(dir + "/shard-00002.safetensors").tensors().empty());
   const json manifest = json::parse(test::read_all(dir + "/manifest.json"));
@@ -225,7 +207,7 @@ TEST(ShardedCheckpoint, ThreeRankShardsReadBackBitForBitByAnyRange) {
 
 TEST(ShardedCheckpoint, ReaderReadsTheWholeTensorFormat) {
   TempDir tmp;
-  const ModelConfig config = small_config();
+  const ModelConfig config = small_vocab("tiny-moe");
   const FullState state(config, 12);
   const std::string dir = save_train_checkpoint(tmp / "run", state.whole(config, 3, true), 1);
   const CheckpointReader reader(dir, config);
@@ -257,26 +239,26 @@ TEST(ShardedCheckpoint, ReaderReadsTheWholeTensorFormat) {
 
 TEST(ShardedCheckpoint, BothFormatsShareListingPruningAndStepReplacement) {
   TempDir tmp;
-  const ModelConfig config = small_config();
+  const ModelConfig config = small_vocab("tiny-moe");
   const FullState first(config, 1), second(config, 2);
   const std::string root = tmp / "run";
   save_train_checkpoint(root, first.whole(config, 1, true), 2);
   save_sharded(root, 2, config, first, 2);
-  EXPECT_EQ(steps(root), (std::vector<int64_t>{1, 2}));
+  EXPECT_EQ(complete_steps(root), (std::vector<int64_t>{1, 2}));
   save_sharded(root, 3, config, first, 2);
-  EXPECT_EQ(steps(root), (std::vector<int64_t>{2, 3}));
+  EXPECT_EQ(complete_steps(root), (std::vector<int64_t>{2, 3}));
   // Saving step 3 again (other values) replaces it; a whole-tensor save of step 4 then prunes step 2.
   const std::string three = save_sharded(root, 3, config, second, 2);
   expect_range(CheckpointReader(three, config), second, "lm_head.weight", 100, 300, {Field::param, Field::exp_avg});
   save_train_checkpoint(root, first.whole(config, 4, true), 2);
-  EXPECT_EQ(steps(root), (std::vector<int64_t>{3, 4}));
-  EXPECT_EQ(entries_of(root), (std::set<std::string>{"step-00000003", "step-00000004"}));
+  EXPECT_EQ(complete_steps(root), (std::vector<int64_t>{3, 4}));
+  EXPECT_EQ(dir_entries(root), (std::set<std::string>{"step-00000003", "step-00000004"}));
 }
 
 // A shard set that does not cover the model exactly once is refused at finish, and nothing is published.
 TEST(ShardedCheckpoint, FinishRefusesGapsOverlapsAndStrangers) {
   TempDir tmp;
-  const ModelConfig config = small_config();
+  const ModelConfig config = small_vocab("tiny-moe");
   const FullState state(config, 3);
   const std::string root = tmp / "run";
   const auto base = state.pieces();
@@ -326,7 +308,7 @@ TEST(ShardedCheckpoint, FinishRefusesGapsOverlapsAndStrangers) {
     test::expect_error(
         [&] { finish_sharded_checkpoint(root, tmp_dir, 1, config, kLayout, entries, state_json(1), kYaml, 1); },
         c.message);
-    EXPECT_TRUE(entries_of(root).empty()) << "a refused finish left something behind";
+    EXPECT_TRUE(dir_entries(root).empty()) << "a refused finish left something behind";
   }
 
   // Bad JSON is refused before anything is written, and only a temporary folder of this step is accepted.
@@ -336,7 +318,7 @@ TEST(ShardedCheckpoint, FinishRefusesGapsOverlapsAndStrangers) {
   test::expect_error(
       [&] { finish_sharded_checkpoint(root, tmp_dir, 1, config, kLayout, entries, "{\"step\":", kYaml, 1); },
       "the trainer state is not valid JSON");
-  EXPECT_TRUE(entries_of(root).empty());
+  EXPECT_TRUE(dir_entries(root).empty());
   tmp_dir = begin_sharded_checkpoint(root, 1, "job");
   test::expect_error([&] { finish_sharded_checkpoint(root, tmp_dir, 2, config, kLayout, {}, state_json(1), kYaml, 1); },
                      "is not a temporary folder of step 2 under " + root);
@@ -346,7 +328,7 @@ TEST(ShardedCheckpoint, FinishRefusesGapsOverlapsAndStrangers) {
 
 TEST(ShardedCheckpoint, DamagedCheckpointsAreRefusedNamingTheFile) {
   TempDir tmp;
-  const ModelConfig config = small_config();
+  const ModelConfig config = small_vocab("tiny-moe");
   const FullState state(config, 4);
   const std::string good = save_sharded(tmp / "run", 1, config, state);
   struct Damage {
@@ -393,7 +375,7 @@ TEST(ShardedCheckpoint, DamagedCheckpointsAreRefusedNamingTheFile) {
 
 TEST(ShardedCheckpoint, FullDiskDuringAShardLeavesNoNewCompleteCheckpoint) {
   TempDir tmp;
-  const ModelConfig config = small_config();
+  const ModelConfig config = small_vocab("tiny-moe");
   const FullState state(config, 5), later(config, 6);
   const std::string root = tmp / "run";
   const std::string one = save_sharded(root, 1, config, state, 1);
@@ -406,15 +388,15 @@ TEST(ShardedCheckpoint, FullDiskDuringAShardLeavesNoNewCompleteCheckpoint) {
                      "checkpoint: cannot write " + tmp_dir + "/shard-00001.safetensors: No space left on device");
   set_write_fault_after_bytes(-1);
   EXPECT_FALSE(fs::exists(tmp_dir + "/shard-00001.safetensors")) << "the partial shard file was left behind";
-  EXPECT_EQ(steps(root), std::vector<int64_t>{1});
+  EXPECT_EQ(complete_steps(root), std::vector<int64_t>{1});
   ASSERT_TRUE(latest_complete_checkpoint(root).has_value());
   EXPECT_EQ(latest_complete_checkpoint(root)->path, one);
   expect_range(CheckpointReader(one, config), state, "lm_head.weight", 0, 64, {Field::param, Field::exp_avg_sq});
 
   // The retry (same tag) replaces the stale temporary folder; the earlier checkpoint goes once it succeeds.
   save_sharded(root, 2, config, later, 1);
-  EXPECT_EQ(steps(root), std::vector<int64_t>{2});
-  EXPECT_EQ(entries_of(root), std::set<std::string>{"step-00000002"});
+  EXPECT_EQ(complete_steps(root), std::vector<int64_t>{2});
+  EXPECT_EQ(dir_entries(root), std::set<std::string>{"step-00000002"});
 }
 
 }  // namespace

@@ -20,6 +20,7 @@
 #include "io/checkpoint.h"
 #include "io/hf_config.h"
 #include "io/train_checkpoint.h"
+#include "tests/io/checkpoint_fixtures.h"
 #include "tests/support/gradcheck.h"
 #include "tests/support/test_files.h"
 
@@ -31,21 +32,12 @@ using test::TempDir;
 using test::read_all;
 using test::write_all;
 using json = nlohmann::json;
+using test_fixtures::complete_steps;
+using test_fixtures::dir_entries;
+using test_fixtures::small_vocab;
 
 // The flavors of this source tree, wherever the build directory is (an explicit Q3VL_FLAVORS_DIR wins).
 const bool kFlavorsFromSourceTree = ::setenv("Q3VL_FLAVORS_DIR", Q3VL_SOURCE_DIR "/jobs/flavors", 0) == 0;
-
-// A tiny flavor with a 512-token vocabulary (special tokens moved inside it), so each save writes ~1 MB
-// instead of the 151936-row embedding tables.
-ModelConfig small_vocab(const std::string& flavor) {
-  ModelConfig c = load_model_config(flavor);
-  c.text.vocab_size = 512;
-  c.image_token_id = 500;
-  c.video_token_id = 501;
-  c.vision_start_token_id = 502;
-  c.vision_end_token_id = 503;
-  return c;
-}
 
 std::string bytes_of(const Tensor& t) {
   return {static_cast<const char*>(t.raw()), static_cast<size_t>(t.numel()) * dtype_size(t.dtype())};
@@ -121,18 +113,6 @@ std::map<std::string, std::string> snapshot(const std::string& dir) {
   return out;
 }
 
-std::set<std::string> entries(const std::string& dir) {
-  std::set<std::string> out;
-  for (const auto& e : fs::directory_iterator(dir)) out.insert(e.path().filename().string());
-  return out;
-}
-
-std::vector<int64_t> steps(const std::string& root) {
-  std::vector<int64_t> out;
-  for (const CheckpointEntry& e : list_complete_checkpoints(root)) out.push_back(e.step);
-  return out;
-}
-
 TEST(TrainCheckpoint, SaveLoadRoundTripIsBitIdentical) {
   TempDir tmp;
   for (const std::string flavor : {"tiny-moe", "tiny-dense"}) {
@@ -142,7 +122,7 @@ TEST(TrainCheckpoint, SaveLoadRoundTripIsBitIdentical) {
     const TrainState saved(config, 5);
     const std::string dir = save_train_checkpoint(root, saved.contents(7), 3);
     EXPECT_EQ(dir, root + "/step-00000007");
-    EXPECT_EQ(entries(root), std::set<std::string>{"step-00000007"});
+    EXPECT_EQ(dir_entries(root), std::set<std::string>{"step-00000007"});
     std::set<std::string> files;
     for (const auto& [name, bytes] : snapshot(dir)) files.insert(name);
     EXPECT_EQ(files, (std::set<std::string>{"COMPLETE", "config.yaml", "model/config.json", "model/model.safetensors",
@@ -171,16 +151,16 @@ TEST(TrainCheckpoint, KeepsTheLastKCompleteCheckpoints) {
   const TrainState state(config, 3);
   const std::string root = tmp / "run";
   for (int64_t step = 1; step <= 5; ++step) save_train_checkpoint(root, state.contents(step), 2);
-  EXPECT_EQ(steps(root), (std::vector<int64_t>{4, 5}));
-  EXPECT_EQ(entries(root), (std::set<std::string>{"step-00000004", "step-00000005"}));
+  EXPECT_EQ(complete_steps(root), (std::vector<int64_t>{4, 5}));
+  EXPECT_EQ(dir_entries(root), (std::set<std::string>{"step-00000004", "step-00000005"}));
   save_train_checkpoint(root, state.contents(6), 1);
-  EXPECT_EQ(steps(root), std::vector<int64_t>{6});
+  EXPECT_EQ(complete_steps(root), std::vector<int64_t>{6});
   // A run resumed from an older step keeps what it just saved (plus the keep-1 highest others).
   save_train_checkpoint(root, state.contents(3), 2);
-  EXPECT_EQ(steps(root), (std::vector<int64_t>{3, 6}));
+  EXPECT_EQ(complete_steps(root), (std::vector<int64_t>{3, 6}));
   save_train_checkpoint(root, state.contents(2), 1);
-  EXPECT_EQ(steps(root), std::vector<int64_t>{2});
-  EXPECT_EQ(entries(root), std::set<std::string>{"step-00000002"});
+  EXPECT_EQ(complete_steps(root), std::vector<int64_t>{2});
+  EXPECT_EQ(dir_entries(root), std::set<std::string>{"step-00000002"});
 }
 
 TEST(TrainCheckpoint, ListingIgnoresIncompleteAndTemporaryFolders) {
@@ -225,14 +205,14 @@ TEST(TrainCheckpoint, SavingAStepAgainReplacesIt) {
   const TrainState first(config, 3);
   const std::string dir = save_train_checkpoint(root, first.contents(3), 3);
   EXPECT_FALSE(fs::exists(dir + "/junk"));
-  EXPECT_EQ(entries(root), (std::set<std::string>{"step-00000003", ".tmp-step-00000004-999999"}));
+  EXPECT_EQ(dir_entries(root), (std::set<std::string>{"step-00000003", ".tmp-step-00000004-999999"}));
 
   const TrainState second(config, 4);
   EXPECT_EQ(save_train_checkpoint(root, second.contents(3), 3), dir);
   const TrainState loaded(config, 0);
   loaded.load(dir);
   expect_same_state(second, loaded);
-  EXPECT_EQ(steps(root), std::vector<int64_t>{3});
+  EXPECT_EQ(complete_steps(root), std::vector<int64_t>{3});
 }
 
 TEST(TrainCheckpoint, FullDiskFailsTheSaveAndLeavesEarlierCheckpointsUntouched) {
@@ -266,7 +246,7 @@ TEST(TrainCheckpoint, FullDiskFailsTheSaveAndLeavesEarlierCheckpointsUntouched) 
     test::expect_error([&] { save_train_checkpoint(root, other.contents(2), 1); },
                        "checkpoint: cannot write " + file + ": No space left on device");
     set_write_fault_after_bytes(-1);
-    EXPECT_EQ(entries(root), std::set<std::string>{"step-00000001"});
+    EXPECT_EQ(dir_entries(root), std::set<std::string>{"step-00000001"});
     EXPECT_EQ(snapshot(one), before);
     ASSERT_TRUE(latest_complete_checkpoint(root).has_value());
     EXPECT_EQ(latest_complete_checkpoint(root)->step, 1);
@@ -278,7 +258,7 @@ TEST(TrainCheckpoint, FullDiskFailsTheSaveAndLeavesEarlierCheckpointsUntouched) 
   set_write_fault_after_bytes(total);
   save_train_checkpoint(root, other.contents(2), 1);
   set_write_fault_after_bytes(-1);
-  EXPECT_EQ(steps(root), std::vector<int64_t>{2});
+  EXPECT_EQ(complete_steps(root), std::vector<int64_t>{2});
 }
 
 TEST(TrainCheckpoint, FullDiskFaultFromTheEnvironment) {
@@ -298,7 +278,7 @@ TEST(TrainCheckpoint, FullDiskFaultFromTheEnvironment) {
         } catch (const Error& e) {
           full = std::strstr(e.what(), "config.json: No space left on device") != nullptr;
         }
-        const bool clean = entries(root).empty();
+        const bool clean = dir_entries(root).empty();
         fs::remove_all(tmp.path());
         std::exit(full && clean ? 0 : 1);
       },
@@ -358,7 +338,7 @@ TEST(TrainCheckpoint, UnwritableRootIsAnErrorNamingIt) {
     EXPECT_NE(message->find(expected), std::string::npos) << *message;
     EXPECT_NE(message->find("Permission denied"), std::string::npos) << *message;
   }
-  EXPECT_TRUE(entries(locked).empty());
+  EXPECT_TRUE(dir_entries(locked).empty());
 }
 
 TEST(TrainCheckpoint, BadContentsAreRejectedBeforeAnythingIsWritten) {
