@@ -46,11 +46,43 @@ void check_tied_head(const SafetensorsDir& ckpt) {
              "' but the config ties them (tie_word_embeddings is true)");
 }
 
-// transformers 5.x holds the fused experts transposed in memory and its save_pretrained writes that layout:
-// gate_up_proj [E, 2I, H] and down_proj [E, H, I] instead of the published [E, H, 2I] / [E, I, H].
-bool is_transposed_experts(const ParamSpec& spec, const StTensorInfo& info) {
+// The layout of a checkpoint's fused experts: the published one (x@W: gate_up_proj [E, H, 2I], down_proj
+// [E, I, H]) or the one transformers 5.x holds in memory and its save_pretrained writes ([E, 2I, H], [E, H, I]).
+enum class ExpertLayout { published, transposed };
+
+const char* layout_name(ExpertLayout layout) {
+  return layout == ExpertLayout::published ? "published [E, H, 2I] / [E, I, H]"
+                                           : "transformers 5 [E, 2I, H] / [E, H, I]";
+}
+
+// The on-disk shape of `spec` in `layout`.
+Shape stored_shape(const ParamSpec& spec, ExpertLayout layout) {
   const Shape& s = spec.shape;
-  return spec.kind == ParamKind::experts && s[1] != s[2] && info.shape == std::vector<int64_t>{s[0], s[2], s[1]};
+  return spec.kind == ParamKind::experts && layout == ExpertLayout::transposed ? Shape{s[0], s[2], s[1]} : s;
+}
+
+// Decided once for the whole checkpoint. A square expert tensor (gate_up_proj when H == 2I, down_proj when H == I)
+// fits both layouts, but the other expert tensor of its layer is then not square, so the non-square tensors decide;
+// they must all agree. A tensor in neither layout is left to the shape check.
+ExpertLayout expert_layout(const SafetensorsDir& ckpt, const std::vector<ParamSpec>& specs) {
+  const ParamSpec* published = nullptr;
+  const ParamSpec* transposed = nullptr;
+  for (const ParamSpec& s : specs) {
+    if (s.kind != ParamKind::experts || s.shape[1] == s.shape[2]) continue;
+    const std::vector<int64_t>& shape = ckpt.file_of(s.hf_key).info(s.hf_key).shape;
+    if (shape == dims_of(stored_shape(s, ExpertLayout::published)) && !published) published = &s;
+    if (shape == dims_of(stored_shape(s, ExpertLayout::transposed)) && !transposed) transposed = &s;
+  }
+  if (published && transposed) {
+    auto stored = [&](const ParamSpec& s) {
+      const SafetensorsFile& file = ckpt.file_of(s.hf_key);
+      return "'" + s.hf_key + "' (in " + file.path() + ") has shape " + file.info(s.hf_key).shape_str();
+    };
+    Q3VL_FAIL("checkpoint ", ckpt.dir(), ": the fused expert tensors disagree on their layout: ", stored(*published),
+              ", the ", layout_name(ExpertLayout::published), " layout, but ", stored(*transposed), ", the ",
+              layout_name(ExpertLayout::transposed), " layout");
+  }
+  return transposed ? ExpertLayout::transposed : ExpertLayout::published;
 }
 
 // Converts a stored [E, B, A] tensor into dst [E, A, B] (f32), tile by tile so reads and writes stay local.
@@ -112,11 +144,16 @@ void load_hf_weights(const std::string& dir, const ModelConfig& config, const We
               missing.size() > 5 ? ", ..." : "");
   }
   // Shapes and dtypes of every tensor before converting any, so a bad checkpoint fails without side effects.
+  const ExpertLayout layout = expert_layout(ckpt, specs);
   for (const ParamSpec& s : specs) {
     const SafetensorsFile& file = ckpt.file_of(s.hf_key);
     const StTensorInfo& info = file.info(s.hf_key);
-    Q3VL_CHECK(info.shape == dims_of(s.shape) || is_transposed_experts(s, info), "checkpoint ", file.path(),
-               ": tensor '", s.hf_key, "' has shape ", info.shape_str(), ", expected ", s.shape.str());
+    const Shape want = stored_shape(s, layout);
+    Q3VL_CHECK(info.shape == dims_of(want), "checkpoint ", file.path(), ": tensor '", s.hf_key, "' has shape ",
+               info.shape_str(), ", expected ", want.str(),
+               s.kind == ParamKind::experts ? std::string(" (the checkpoint's expert layout is the ") +
+                                                  layout_name(layout) + " one)"
+                                            : std::string());
     Q3VL_CHECK(info.dtype == StDType::F32 || info.dtype == StDType::BF16 || info.dtype == StDType::F16, "checkpoint ",
                file.path(), ": tensor '", s.hf_key, "' has dtype ", st_dtype_name(info.dtype),
                ", expected F32, BF16 or F16");
@@ -126,10 +163,10 @@ void load_hf_weights(const std::string& dir, const ModelConfig& config, const We
     const Tensor dst = destination(s, lookup, "checkpoint load");
     const SafetensorsFile& file = ckpt.file_of(s.hf_key);
     const StTensorInfo& info = file.info(s.hf_key);
-    if (info.shape == dims_of(s.shape))
-      file.read(s.hf_key, dst);
-    else
+    if (s.kind == ParamKind::experts && layout == ExpertLayout::transposed)
       read_transposed(file.bytes(info), info.dtype, dst);
+    else
+      file.read(s.hf_key, dst);
     if (after_read) after_read(s.hf_key);
   }
 }

@@ -7,9 +7,10 @@
 // safetensors reader rejects (truncated file, bad header JSON, offsets out of range, index/shard mismatch).
 // A tied model (tie_word_embeddings) accepts a stored lm_head.weight only when it equals embed_tokens.
 // Fused experts are read in the published layout (gate_up_proj [E, H, 2I], down_proj [E, I, H]) or in the
-// transposed layout that transformers 5.x save_pretrained writes ([E, 2I, H], [E, H, I]), told apart by shape;
-// when both layouts have the same shape (H == 2I, or H == I) the published layout is assumed.
-// Saving always writes the published layout.
+// transposed layout that transformers 5.x save_pretrained writes ([E, 2I, H], [E, H, I]), decided once per
+// checkpoint by the shapes of its non-square expert tensors: a square one (H == 2I or H == I) fits both layouts,
+// but the other expert tensor of its layer is then non-square. A checkpoint whose expert tensors disagree is
+// refused, naming one tensor of each layout. Saving always writes the published layout.
 #pragma once
 
 #include <cstdint>

@@ -47,7 +47,7 @@ FIXTURE_BUDGET_BYTES = 20_000_000
 # choice and make the fixture useless, so such weights are redrawn.
 MIN_ROUTER_LOGIT_GAP = 1e-3
 PATCH_FEATURES = 3 * 2 * 16 * 16
-RELOAD_CASE = "image_video"  # the case run again through from_pretrained to check the saved checkpoint
+RELOAD_CASE = "image_video"  # run again through from_pretrained to check the saved checkpoint (else the first case)
 
 # Token ids of the tiny vocabulary. They mirror the roles of Qwen's special tokens at small ids.
 VOCAB = 300
@@ -131,6 +131,51 @@ MODELS = {
         ),
         "tie": True,
         "cases": ["image_single", "image_video", "padded_batch2", "text_only"],
+    },
+    # Square expert tensors, as transformers' own save_pretrained writes them (its in-memory layout, see
+    # save_model): the reader must take the layout from the layer's other, non-square expert tensor.
+    "moe_square_gate_up": {
+        "cls": Qwen3VLMoeForConditionalGeneration,
+        "config_cls": Qwen3VLMoeConfig,
+        "seed": 14,
+        "description": "qwen3_vl_moe saved by transformers' save_pretrained (experts in its layout), hidden 16 = 2 x "
+        "moe_intermediate 8: gate_up_proj [4, 16, 16] is square, down_proj [4, 16, 8] is not; 2 MoE layers, 4 experts "
+        "top-2, GQA 2q/1kv, head_dim 8, mrope [2,1,1]; vision 1 block of width 8 (unused by its text-only case).",
+        "text": dict(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            head_dim=8, moe_intermediate_size=8, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+            mlp_only_layers=[], rope_parameters=text_rope(5e6, [2, 1, 1]),
+        ),
+        "vision": dict(
+            depth=1, hidden_size=8, num_heads=1, intermediate_size=8, out_hidden_size=16,
+            num_position_embeddings=16, deepstack_visual_indexes=[0],
+        ),
+        "tie": False,
+        "aux_coef": 0.001,
+        "expert_layout": "transformers",
+        "cases": ["text_only"],
+    },
+    "moe_square_down": {
+        "cls": Qwen3VLMoeForConditionalGeneration,
+        "config_cls": Qwen3VLMoeConfig,
+        "seed": 15,
+        "description": "qwen3_vl_moe saved by transformers' save_pretrained (experts in its layout), hidden 16 = "
+        "moe_intermediate 16: down_proj [4, 16, 16] is square, gate_up_proj [4, 32, 16] is not; 2 MoE layers, 4 "
+        "experts top-2, GQA 2q/1kv, head_dim 8, mrope [2,1,1]; vision 1 block of width 8 (unused by its text-only "
+        "case).",
+        "text": dict(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            head_dim=8, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+            mlp_only_layers=[], rope_parameters=text_rope(5e6, [2, 1, 1]),
+        ),
+        "vision": dict(
+            depth=1, hidden_size=8, num_heads=1, intermediate_size=8, out_hidden_size=16,
+            num_position_embeddings=16, deepstack_visual_indexes=[0],
+        ),
+        "tie": False,
+        "aux_coef": 0.001,
+        "expert_layout": "transformers",
+        "cases": ["text_only"],
     },
 }
 
@@ -454,34 +499,39 @@ def to_checkpoint_layout(key, tensor, text):
     hidden, inter = text.hidden_size, text.moe_intermediate_size
     want = (text.num_experts, hidden, 2 * inter) if key.endswith("gate_up_proj") else (text.num_experts, inter, hidden)
     assert tuple(disk.shape) == want, (key, tuple(disk.shape), want)
-    # HF decides whether to transpose an expert tensor on load by comparing shapes; a square one would load wrongly.
-    assert disk.shape[1] != disk.shape[2], f"{key}: square expert tensor is ambiguous for HF's loader"
     return disk
 
 
 def checkpoint_keys(model, tmp):
-    """Keys that save_pretrained writes (tied lm_head left out). transformers 5.24 writes the experts in its
-    in-memory layout, not the checkpoints' one, so only the key set and config.json are taken from it."""
+    """Keys that save_pretrained writes (tied lm_head left out). transformers 5.24 writes every tensor, the experts
+    included, exactly as it holds it in memory."""
     params = dict(model.named_parameters(remove_duplicate=False))
     saved = safetensors.torch.load_file(Path(tmp) / "model.safetensors")
     for key, tensor in saved.items():
-        mem = params[key].detach()
-        assert torch.equal(mem, tensor) or (is_expert(key) and torch.equal(mem.transpose(1, 2), tensor)), key
+        assert torch.equal(params[key].detach(), tensor), key
     missing = set(params) - set(saved)
     assert missing <= {"lm_head.weight"} and (not missing or model.config.tie_word_embeddings), missing
     return sorted(saved)
 
 
-def save_model(model, model_dir):
-    """config.json from save_pretrained; model.safetensors in the checkpoint layout with sorted keys and fixed
-    metadata, so that regenerating gives identical bytes."""
+def save_model(model, model_dir, expert_layout):
+    """config.json from save_pretrained. model.safetensors: for expert_layout "published", the checkpoint layout
+    with sorted keys and fixed metadata (so that regenerating gives identical bytes); for "transformers", the file
+    save_pretrained wrote, experts in its in-memory layout ([E, 2I, H], [E, H, I])."""
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         shutil.copy(Path(tmp) / "config.json", model_dir / "config.json")
         keys = checkpoint_keys(model, tmp)
+        if expert_layout == "transformers":
+            shutil.copy(Path(tmp) / "model.safetensors", model_dir / "model.safetensors")
+            return keys
+    assert expert_layout == "published", expert_layout
     params = dict(model.named_parameters(remove_duplicate=False))
     text = model.config.text_config
     tensors = {key: to_checkpoint_layout(key, params[key].detach(), text).contiguous() for key in keys}
+    # HF decides whether to transpose an expert tensor on load by comparing shapes; a square one would load wrongly.
+    for key in filter(is_expert, keys):
+        assert tensors[key].shape[1] != tensors[key].shape[2], f"{key}: square expert tensor is ambiguous for HF"
     safetensors.torch.save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
     return keys
 
@@ -617,8 +667,10 @@ def write_model(name, spec, batches, model_dir):
     config = build_config(spec)
     model, seed, margin = draw_model(name, spec, config, batches)
     model_dir.mkdir()
-    keys = save_model(model, model_dir)
+    expert_layout = spec.get("expert_layout", "published")
+    keys = save_model(model, model_dir, expert_layout)
     results = {}
+    reload_case = RELOAD_CASE if RELOAD_CASE in spec["cases"] else spec["cases"][0]
     for case_name in spec["cases"]:
         batch = batches[case_name]
         case_dir = model_dir / case_name
@@ -630,14 +682,15 @@ def write_model(name, spec, batches, model_dir):
         results[case_name] = {"loss": float(expected["loss"]), "aux_loss": float(expected["aux_loss"]),
                               "total_loss": float(expected["total_loss"])}
         print(f"{name}/{case_name}: loss {expected['loss']:.6f} aux {expected['aux_loss']:.6f}")
-        if case_name == RELOAD_CASE:
+        if case_name == reload_case:
             check_reload(spec, model, model_dir, batch, expected["logits"])
     entry = {
         "architecture": type(model).__name__, "model_type": config.model_type, "description": spec["description"],
         "weight_seed": seed, "num_parameters": model.num_parameters(), "tie_word_embeddings": spec["tie"],
         "moe_layers": moe_layers(model) if is_moe(model) else [],
         "router_aux_loss_coef": spec.get("aux_coef", 0.0), "min_router_logit_gap": margin,
-        "checkpoint_keys": len(keys), "expert_keys": sum(map(is_expert, keys)), "cases": spec["cases"],
+        "checkpoint_keys": len(keys), "expert_keys": sum(map(is_expert, keys)),
+        "expert_layout": expert_layout if is_moe(model) else None, "cases": spec["cases"],
         "results": results,
     }
     return model, entry
@@ -676,9 +729,11 @@ def main():
         "versions": versions,
         "settings": {
             "dtype": "float32", "attn_implementation": "eager", "experts_implementation": "eager (MoE models)",
-            "expert_layout": "model.safetensors and grads.safetensors hold the experts as the published checkpoints "
-            "do: gate_up_proj [E, H, 2I], down_proj [E, I, H]; HF 5.24 holds them transposed in memory and its "
-            "save_pretrained writes that in-memory layout, so the generator transposes them itself",
+            "expert_layout": "grads.safetensors, and model.safetensors of the models whose expert_layout is "
+            "published, hold the experts as the published checkpoints do: gate_up_proj [E, H, 2I], down_proj "
+            "[E, I, H]; HF 5.24 holds them transposed in memory and its save_pretrained writes that in-memory layout, "
+            "so the generator transposes them itself. Models whose expert_layout is transformers keep the "
+            "model.safetensors that save_pretrained wrote: gate_up_proj [E, 2I, H], down_proj [E, H, I]",
             "torch_threads": TORCH_THREADS, "min_router_logit_gap": MIN_ROUTER_LOGIT_GAP,
             "tokens": {"vocab": VOCAB, "pad": PAD, "im_start": IM_START, "im_end": IM_END,
                        "vision_start": VISION_START, "vision_end": VISION_END, "image_pad": IMAGE_PAD,

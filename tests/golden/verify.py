@@ -7,10 +7,10 @@ For every model and case listed in fixtures/manifest.json:
   - loss equals a float64 NumPy cross-entropy of the stored logits, aux_loss a float64 NumPy load-balancing loss
     of the stored router logits (padding excluded), total_loss = loss + coef * aux_loss;
   - the checkpoint reloaded with from_pretrained reproduces logits, losses and gradients exactly, with the expert
-    gradients mapped to the on-disk layout by SPEC's rule (disk = memory transposed in dims 1 and 2);
+    gradients mapped to the published layout by SPEC's rule (published = memory transposed in dims 1 and 2);
 and, for one case per model, central finite differences of CE + coef * aux in float64 agree with the stored
 gradient of every checkpoint tensor (at its largest entry and along a random direction), perturbing the
-parameter through its ON-DISK layout.
+parameter through its PUBLISHED layout (the layout of grads.safetensors).
 Usage: python verify.py [--fixtures DIR]
 """
 
@@ -29,7 +29,7 @@ import transformers
 from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 
 CLASSES = {cls.__name__: cls for cls in (Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration)}
-FD_CASE = "padded_batch2"  # image and video, padding excluded from CE and aux: every model has it
+FD_CASE = "padded_batch2"  # image and video, padding excluded from CE and aux (else a model's only case)
 FD_STEP = 1e-4
 # Central differences of the float64 model (float32 islands removed, see exact_float64) agree with the float32
 # autograd gradients to ~1e-6 relative; the tolerance leaves 100x room. A layout or loss-definition error is O(|g|).
@@ -148,16 +148,21 @@ def num_experts(text):
     return text.get("num_experts", text.get("num_local_experts"))
 
 
-def check_checkpoint(model, disk, cfg):
+def check_checkpoint(model, disk, cfg, expert_layout):
+    """model.safetensors against the loaded parameters: experts in the published layout (SPEC's rule) or, for
+    expert_layout "transformers", as transformers holds them in memory (what its save_pretrained writes)."""
     text = cfg["text_config"]
     params = dict(model.named_parameters(remove_duplicate=False))
+    published = expert_layout != "transformers"
     for key, tensor in disk.items():
         assert tensor.dtype == torch.float32, key
-        assert torch.equal(to_disk(key, params[key].detach()), tensor), key
+        mem = params[key].detach()
+        assert torch.equal(to_disk(key, mem) if published else mem, tensor), key
+        e, h, i = num_experts(text), text["hidden_size"], text["moe_intermediate_size"]
         if key.endswith("mlp.experts.gate_up_proj"):
-            assert tensor.shape == (num_experts(text), text["hidden_size"], 2 * text["moe_intermediate_size"]), key
+            assert tensor.shape == ((e, h, 2 * i) if published else (e, 2 * i, h)), key
         if key.endswith("mlp.experts.down_proj"):
-            assert tensor.shape == (num_experts(text), text["moe_intermediate_size"], text["hidden_size"]), key
+            assert tensor.shape == ((e, i, h) if published else (e, h, i)), key
     assert ("lm_head.weight" in disk) != cfg["tie_word_embeddings"]
     assert set(params) - set(disk) <= {"lm_head.weight"}
 
@@ -274,7 +279,8 @@ def main():
         cfg = json.loads((model_dir / "config.json").read_text())
         cls = CLASSES[cfg["architectures"][0]]
         model = load(model_dir, cls, torch.float32)
-        check_checkpoint(model, safetensors.torch.load_file(model_dir / "model.safetensors"), cfg)
+        check_checkpoint(model, safetensors.torch.load_file(model_dir / "model.safetensors"), cfg,
+                         info.get("expert_layout"))
         text = cfg["text_config"]
         for case in info["cases"]:
             case_dir = model_dir / case
@@ -296,9 +302,10 @@ def main():
             check_rerun(model, batch, expected, grads)
             checked += 1
             print(f"{model_name}/{case}: ok")
-        worst = fd_check(model_dir, cls, read_h5(model_dir / FD_CASE / "batch.h5"),
-                         safetensors.torch.load_file(model_dir / FD_CASE / "grads.safetensors"))
-        print(f"{model_name}/{FD_CASE}: finite differences ok (worst error {worst:.2f} of tolerance)")
+        fd_case = FD_CASE if FD_CASE in info["cases"] else info["cases"][0]
+        worst = fd_check(model_dir, cls, read_h5(model_dir / fd_case / "batch.h5"),
+                         safetensors.torch.load_file(model_dir / fd_case / "grads.safetensors"))
+        print(f"{model_name}/{fd_case}: finite differences ok (worst error {worst:.2f} of tolerance)")
     print(f"{checked} passed, 0 failed")
 
 

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -127,20 +128,19 @@ TEST(Checkpoint, ShardedSaveLoadsAndRewritesIdentically) {
   EXPECT_EQ(layout.weight_map.at("lm_head.weight"), layout.files.back());
 }
 
-TEST(Checkpoint, ExpertsInTheTransformersFiveLayoutAreTransposedOnLoad) {
-  TempDir tmp;
-  const ModelConfig config = small_vocab("tiny-moe");
-  Weights original(config, 19);
-  std::vector<std::vector<float>> transposed;
+// Writes `w` into dir/model.safetensors with the expert tensors for which `transpose(key)` holds stored in
+// transformers 5's layout ([E, B, A] for a published [E, A, B]).
+void write_with_transposed_experts(const std::string& dir, const ModelConfig& config, Weights& w,
+                                   const std::function<bool(const std::string& key)>& transpose) {
+  std::vector<std::vector<float>> transposed;  // moving an inner vector keeps its data where the entry points
   std::vector<StWriteEntry> entries;
   for (const ParamSpec& s : model_param_specs(config)) {
-    if (s.kind != ParamKind::experts) {
-      entries.push_back({s.hf_key, original.tensor(s.hf_key)});
+    if (s.kind != ParamKind::experts || !transpose(s.hf_key)) {
+      entries.push_back({s.hf_key, w.tensor(s.hf_key)});
       continue;
     }
     const int64_t e = s.shape[0], a = s.shape[1], b = s.shape[2];
-    ASSERT_NE(a, b) << s.hf_key << ": the tiny-moe flavor keeps expert matrices non-square";
-    const std::vector<float>& src = original.data.at(s.hf_key);
+    const std::vector<float>& src = w.data.at(s.hf_key);
     auto& t = transposed.emplace_back(src.size());
     for (int64_t x = 0; x < e; ++x)
       for (int64_t i = 0; i < a; ++i)
@@ -148,18 +148,43 @@ TEST(Checkpoint, ExpertsInTheTransformersFiveLayoutAreTransposedOnLoad) {
           t[static_cast<size_t>((x * b + j) * a + i)] = src[static_cast<size_t>((x * a + i) * b + j)];
     entries.push_back({s.hf_key, Tensor(t.data(), DType::f32, {e, b, a})});
   }
-  fs::create_directories(tmp / "v5");
-  write_safetensors_file(tmp / "v5/model.safetensors", entries, DType::f32);
+  fs::create_directories(dir);
+  write_safetensors_file(dir + "/model.safetensors", entries, DType::f32);
+}
+
+TEST(Checkpoint, ExpertsInTheTransformersFiveLayoutAreTransposedOnLoad) {
+  TempDir tmp;
+  const ModelConfig config = small_vocab("tiny-moe");
+  Weights original(config, 19);
+  write_with_transposed_experts(tmp / "v5", config, original, [](const std::string&) { return true; });
   Weights loaded(config, 0);
   load_hf_weights(tmp / "v5", config, loaded.lookup());
   EXPECT_EQ(loaded.data, original.data);
+}
+
+// The expert layout is one per checkpoint: a file whose non-square expert tensors are stored partly in the
+// published layout and partly in transformers 5's is refused, naming one tensor of each.
+TEST(Checkpoint, ExpertTensorsDisagreeingOnTheLayoutAreRefused) {
+  TempDir tmp;
+  const ModelConfig config = small_vocab("tiny-moe");
+  const std::string first = "model.language_model.layers.0.mlp.experts.gate_up_proj";
+  const std::string odd = "model.language_model.layers.2.mlp.experts.down_proj";
+  Weights w(config, 23);
+  write_with_transposed_experts(tmp / "mixed", config, w, [&](const std::string& key) { return key == odd; });
+  Weights dst(config, 0);
+  test::expect_error([&] { load_hf_weights(tmp / "mixed", config, dst.lookup()); },
+                     "the fused expert tensors disagree on their layout: '" + first + "' (in ");
+  test::expect_error([&] { load_hf_weights(tmp / "mixed", config, dst.lookup()); },
+                     "has shape [8,64,96], the published [E, H, 2I] / [E, I, H] layout, but '" + odd + "' (in ");
+  test::expect_error([&] { load_hf_weights(tmp / "mixed", config, dst.lookup()); },
+                     "has shape [8,64,48], the transformers 5 [E, 2I, H] / [E, H, I] layout");
 }
 
 // The golden fixtures (written by tests/golden/generate.py with transformers) load through the same path.
 TEST(Checkpoint, GoldenFixtureCheckpointsLoad) {
   const fs::path fixtures = fs::path(Q3VL_SOURCE_DIR) / "tests" / "golden" / "fixtures";
   int loaded_models = 0;
-  for (const char* model : {"dense", "moe", "moe_mixed"}) {
+  for (const char* model : {"dense", "moe", "moe_mixed", "moe_square_gate_up", "moe_square_down"}) {
     const fs::path dir = fixtures / model;
     if (!fs::exists(dir / "config.json")) continue;
     const ModelConfig config = load_model_config(dir.string());
