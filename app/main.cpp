@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "app/commands.h"
+#include "app/simd.h"  // linking it brings in the start-up instruction-set check, which runs before main
 
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
@@ -18,7 +19,8 @@ int main(int argc, char** argv) {
                  "  forward --model HF_DIR --batch IN.h5 --out OUT.h5   fp32 forward: logits, loss, aux_loss\n"
                  "  plan --model FLAVOR_OR_DIR [--tokens N] [--seq-len S] [--patches-per-image P]   sizes, FLOPs, memory\n"
                  "  pack --input F --tokenizer T --out DIR [...]   pack samples into HDF5 shards\n"
-                 "  tokenize --tokenizer tokenizer.json [--decode]   text on stdin -> JSON ids (or back)\n";
+                 "  tokenize --tokenizer tokenizer.json [--decode]   text on stdin -> JSON ids (or back)\n"
+                 "built for: " << q3vl::app::simd_summary() << "\n";
     return args.empty() ? 1 : 0;
   }
   try {

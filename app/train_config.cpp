@@ -85,7 +85,7 @@ std::vector<Field> fields_of(TrainConfig& c) {
       {"optimizer.freeze", &o.freeze, "modules not trained: vision_tower, mergers, language_model"},
       {"logging.every", &c.logging.every, "progress line + metrics.jsonl record every N steps"},
       {"logging.expert_stats_every", &c.logging.expert_stats_every, "per-layer expert load every N steps; 0: off"},
-      {"logging.peak_gflops", &c.logging.peak_gflops, "per-rank peak for the MFU estimate; 0: no MFU"},
+      {"logging.peak_gflops", &c.logging.peak_gflops, "per-rank fp32 peak for the MFU; 0: this CPU's estimate"},
       {"checkpoint.every", &c.checkpoint.every, "steps between checkpoints; 0: only at the end"},
       {"checkpoint.keep", &c.checkpoint.keep, "complete checkpoints kept"},
       {"checkpoint.resume", &c.checkpoint.resume, "auto (newest complete) | none | a checkpoint folder",

@@ -46,7 +46,7 @@
 //   logging:
 //     every: 1                  # progress line + metrics.jsonl record every N steps
 //     expert_stats_every: 10    # per-layer expert load (0 = off)
-//     peak_gflops: 0            # per-rank peak for the MFU estimate (0: no MFU)
+//     peak_gflops: 0            # per-rank fp32 peak for the MFU (0: this CPU's estimate, core/cpu_peak.h)
 //   checkpoint:
 //     every: 0                  # steps between checkpoints (0: only at the end)
 //     keep: 3

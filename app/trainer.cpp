@@ -12,13 +12,16 @@
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <omp.h>
 #include <ostream>
 #include <sstream>
 
 #include "app/hf_export.h"
+#include "app/simd.h"
 #include "app/train_batch.h"
 #include "app/watchdog.h"
 #include "core/check.h"
+#include "core/cpu_peak.h"
 #include "core/model/flops.h"
 #include "core/optim/adamw.h"
 #include "core/optim/lr_schedule.h"
@@ -157,6 +160,10 @@ struct Trainer::Impl {
   int64_t skipped_steps = 0;
   bool resumed = false;  // metrics.jsonl continues (else a fresh run starts it anew)
   double ema_step_seconds = 0;
+  // Per-rank fp32 peak behind the MFU: logging.peak_gflops when set, else this CPU's estimate; and where it came
+  // from, printed at the start so an odd MFU can be traced to its figure.
+  double peak_gflops = 0;
+  std::string peak_source;
   std::function<void(const StepRecord&)> step_callback;
   std::unique_ptr<Watchdog> watchdog;
   // Fault injection for the watchdog test: Q3VL_FAULT_HANG=RANK:STEP makes that rank stop making progress
@@ -174,7 +181,17 @@ struct Trainer::Impl {
         own_comm(shared ? nullptr : std::make_unique<parallel::SelfComm>()),
         comm(shared ? *shared : *own_comm),
         root(comm.rank() == 0),
-        out(root ? o : null_out) {}
+        out(root ? o : null_out) {
+    if (cfg.logging.peak_gflops > 0) {
+      peak_gflops = cfg.logging.peak_gflops;
+      peak_source = "from config logging.peak_gflops";
+    } else {
+      const CpuPeak cpu = detect_cpu_peak(omp_get_max_threads());
+      peak_gflops = cpu.gflops();
+      peak_source = peak_gflops > 0 ? "detected: " + cpu.describe()
+                                    : "not detected: /proc/cpuinfo gives no clock; set logging.peak_gflops for an MFU";
+    }
+  }
 
   void reduce_expert_stats(std::vector<MoeStats>& layers);
   // The AdamW moments as whole tensors shaped like their parameters, under the names a checkpoint stores them
@@ -781,7 +798,7 @@ void Trainer::Impl::log_step(const StepRecord& r, int64_t step_flops) {
   ema_step_seconds = ema_step_seconds == 0 ? r.seconds : 0.9 * ema_step_seconds + 0.1 * r.seconds;
   const double tok_s = r.tokens / std::max(r.seconds, 1e-9);
   const double gflops = static_cast<double>(step_flops) / std::max(r.seconds, 1e-9) / 1e9;
-  const double mfu = cfg.logging.peak_gflops > 0 ? gflops / cfg.logging.peak_gflops : 0.0;
+  const double mfu = peak_gflops > 0 ? gflops / peak_gflops : 0.0;
   const ProcessMemory mem = process_memory();
   const double eta = ema_step_seconds * static_cast<double>(cfg.train.steps - step);
   json j{{"event", "step"},  {"step", r.step},       {"steps", cfg.train.steps}, {"loss", r.loss},
@@ -796,7 +813,7 @@ void Trainer::Impl::log_step(const StepRecord& r, int64_t step_flops) {
                 "step %lld/%lld | loss %.4f | aux %.4f | grad %.3f | lr %.3e | %.0f tok/s | %.2f GFLOP/s%s | %.3f s | "
                 "mem %.0f MiB | ETA %s%s\n",
                 (long long)r.step, (long long)cfg.train.steps, r.loss, r.aux_loss, r.grad_norm, r.lr, tok_s, gflops,
-                cfg.logging.peak_gflops > 0 ? (" (MFU " + std::to_string(mfu * 100).substr(0, 4) + "%)").c_str() : "",
+                peak_gflops > 0 ? (" (MFU " + std::to_string(mfu * 100).substr(0, 4) + "%)").c_str() : "",
                 r.seconds, mem.rss / 1048576.0, human_duration(eta).c_str(), r.skipped ? " | SKIPPED" : "");
   out << line << std::flush;
 }
@@ -930,8 +947,12 @@ TrainOutcome Trainer::run() {
         << ": " << count_parameters(mc) << " parameters, " << m.loader->num_sequences() << " packed sequences ("
         << m.loader->batches_per_epoch() << " micro-batches per epoch), steps " << m.step << " -> " << m.cfg.train.steps
         << ", grad_accum " << m.cfg.train.grad_accum << "\n";
+  char peak[64];
+  std::snprintf(peak, sizeof peak, "%.1f", m.peak_gflops);
+  m.out << "MFU against a peak of " << peak << " GFLOP/s per rank (" << m.peak_source << ")\n";
   json start{{"event", "start"}, {"step", m.step}, {"steps", m.cfg.train.steps}, {"parameters", count_parameters(mc)},
-             {"sequences", m.loader->num_sequences()}};
+             {"sequences", m.loader->num_sequences()}, {"peak_gflops", m.peak_gflops}, {"peak_source", m.peak_source},
+             {"simd", simd_summary()}};
   m.emit(start);
 
   if (m.comm.size() > 1) m.watchdog = std::make_unique<Watchdog>(m.cfg.parallel.step_timeout_s, m.comm.rank());

@@ -47,7 +47,7 @@ if not timed:
 # Every step trains the same batch, so the rates follow from the median step time and the step's FLOPs.
 step_s = statistics.median(r["step_s"] for r in timed)
 step_flops = timed[0]["gflops"] * timed[0]["step_s"] * 1e9
-peak_gflops = timed[0]["gflops"] / timed[0]["mfu"] if timed[0]["mfu"] > 0 else 0.0
+peak_gflops = start["peak_gflops"]
 summary = {
     "parameters": start["parameters"],
     "tokens_per_step": timed[0]["tokens"],
@@ -59,6 +59,8 @@ summary = {
     "tokens_per_s": timed[0]["tokens"] / step_s,
     "gflops": step_flops / step_s / 1e9,
     "mfu": step_flops / step_s / 1e9 / peak_gflops if peak_gflops > 0 else 0.0,
+    "peak_gflops": peak_gflops,
+    "peak_source": start["peak_source"],
     "step_flops": step_flops,
     "peak_rss_bytes": max(r["peak_rss_bytes"] for r in steps),
     "losses": [r["loss"] for r in steps],

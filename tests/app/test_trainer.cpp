@@ -1,7 +1,8 @@
 // The trainer end to end on real packed data (cc12m captions with their images, shrunk): overfitting, exact
 // resume after a signal-triggered save, gradient accumulation equal to a bigger batch, non-finite handling,
-// bad checkpoints and inputs, and the HF export.
+// bad checkpoints and inputs, the MFU's peak, and the HF export.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <cmath>
 #include <csignal>
@@ -14,6 +15,7 @@
 
 #include "app/train_config.h"
 #include "app/trainer.h"
+#include "core/cpu_peak.h"
 #include "io/hf_config.h"
 #include "io/image.h"
 #include "io/image_resize.h"
@@ -200,6 +202,32 @@ TEST_F(TrainerTest, FrozenModulesAndZeroLearningRateStayPut) {
   }
   EXPECT_GT(unchanged_visual, 10);
   EXPECT_GT(changed_text, 10) << "the language model should have trained";
+}
+
+// The MFU's peak is this CPU's estimate unless the config sets one, and the start line and record say which.
+TEST_F(TrainerTest, MfuPeakIsDetectedUnlessTheConfigSetsIt) {
+  pack_captions(tmp / "data", 2, 256);
+  TrainConfig c = base_config(tmp / "data/packed", tmp / "detected");
+  c.train.steps = 1;
+  c.logging.expert_stats_every = 0;
+  {
+    Trainer t(c, log);
+    t.run();
+  }
+  const CpuPeak cpu = detect_cpu_peak(omp_get_max_threads());
+  EXPECT_NE(log.str().find(" GFLOP/s per rank (detected: " + cpu.describe() + ")\n"), std::string::npos) << log.str();
+  EXPECT_NE(test::read_all(tmp / "detected/metrics.jsonl").find("\"peak_source\":\"detected: " + cpu.describe()),
+            std::string::npos);
+
+  c.logging.peak_gflops = 1234.5;
+  c.output_dir = tmp / "configured";
+  log.str("");
+  Trainer t(c, log);
+  t.run();
+  EXPECT_NE(log.str().find("MFU against a peak of 1234.5 GFLOP/s per rank (from config logging.peak_gflops)\n"),
+            std::string::npos) << log.str();
+  const std::string metrics = test::read_all(tmp / "configured/metrics.jsonl");
+  EXPECT_NE(metrics.find("\"peak_gflops\":1234.5,"), std::string::npos) << metrics;
 }
 
 // A checkpoint to start from whose lm_head holds a NaN: every loss is NaN.

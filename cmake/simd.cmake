@@ -1,0 +1,68 @@
+# Q3VL_SIMD: the x86-64 instruction set the C++ code is compiled for, chosen at configure time as GROMACS does.
+#   native  (default) the build host's (-march=native): fastest there, but may not run on older CPUs
+#   AVX512  x86-64-v4 (AVX-512 F/BW/CD/DQ/VL: Skylake-SP and later Xeons, Zen 4)
+#   AVX2    x86-64-v3 (AVX2, FMA, F16C, BMI1/2: Haswell and later, Zen)
+#   SSE4    x86-64-v2 (SSE4.2, POPCNT: any x86-64 CPU of the last 15 years)
+#   generic the compiler's default target (x86-64: SSE2)
+# The level's features are recorded in the binary (app/simd_build.cpp) and checked against the CPU before
+# anything else runs (app/simd.cpp), which stops with a message naming both instead of dying with SIGILL.
+set(Q3VL_SIMD_DEFAULT native)
+if(DEFINED Q3VL_NATIVE AND NOT Q3VL_NATIVE)
+  # Q3VL_NATIVE=OFF, the option this replaced, asked for the compiler's default target.
+  set(Q3VL_SIMD_DEFAULT generic)
+  if(Q3VL_SIMD STREQUAL "native")
+    set(Q3VL_SIMD generic CACHE STRING "" FORCE)
+  endif()
+endif()
+set(Q3VL_SIMD ${Q3VL_SIMD_DEFAULT} CACHE STRING "Instruction set: native (the host's), AVX512, AVX2, SSE4, generic")
+set_property(CACHE Q3VL_SIMD PROPERTY STRINGS native AVX512 AVX2 SSE4 generic)
+
+set(Q3VL_X86_64 OFF)
+if(CMAKE_SYSTEM_PROCESSOR MATCHES "^(x86_64|AMD64|amd64)$")
+  set(Q3VL_X86_64 ON)
+endif()
+if(Q3VL_SIMD STREQUAL "native")
+  set(Q3VL_SIMD_FLAGS -march=native)
+elseif(Q3VL_SIMD STREQUAL "generic")
+  set(Q3VL_SIMD_FLAGS "")
+elseif(NOT Q3VL_X86_64)
+  message(FATAL_ERROR "Q3VL_SIMD=${Q3VL_SIMD} is an x86-64 level; on ${CMAKE_SYSTEM_PROCESSOR} use native or generic")
+elseif(Q3VL_SIMD STREQUAL "AVX512")
+  set(Q3VL_SIMD_FLAGS -march=x86-64-v4)
+elseif(Q3VL_SIMD STREQUAL "AVX2")
+  set(Q3VL_SIMD_FLAGS -march=x86-64-v3)
+elseif(Q3VL_SIMD STREQUAL "SSE4")
+  set(Q3VL_SIMD_FLAGS -march=x86-64-v2)
+else()
+  message(FATAL_ERROR "Q3VL_SIMD=${Q3VL_SIMD}: expected one of native, AVX512, AVX2, SSE4, generic")
+endif()
+foreach(flag IN LISTS Q3VL_SIMD_FLAGS)
+  add_compile_options($<$<COMPILE_LANGUAGE:CXX>:${flag}>)
+endforeach()
+# The start-up check itself must run on any x86-64 CPU, so its translation unit is compiled for the baseline
+# (a later -march on the command line replaces the level's).
+set(Q3VL_SIMD_BASELINE_FLAGS "")
+if(Q3VL_X86_64)
+  set(Q3VL_SIMD_BASELINE_FLAGS -march=x86-64 -mtune=generic)
+endif()
+string(JOIN " " Q3VL_SIMD_FLAGS_TEXT ${Q3VL_SIMD_FLAGS})
+if(NOT Q3VL_SIMD_FLAGS_TEXT)
+  set(Q3VL_SIMD_FLAGS_TEXT "no -march flag")
+endif()
+# What native means on this host, to say so now rather than first on an older compute node.
+set(Q3VL_SIMD_HOST "")
+if(Q3VL_SIMD STREQUAL "native" AND Q3VL_X86_64)
+  execute_process(COMMAND ${CMAKE_CXX_COMPILER} -march=native -dM -E -x c++ /dev/null
+                  OUTPUT_VARIABLE Q3VL_NATIVE_MACROS ERROR_QUIET)
+  set(Q3VL_SIMD_HOST ": generic on this host")
+  if(Q3VL_NATIVE_MACROS MATCHES "__AVX512F__" AND Q3VL_NATIVE_MACROS MATCHES "__AVX512BW__"
+     AND Q3VL_NATIVE_MACROS MATCHES "__AVX512VL__")
+    set(Q3VL_SIMD_HOST ": AVX512 and more on this host")
+  elseif(Q3VL_NATIVE_MACROS MATCHES "__AVX2__" AND Q3VL_NATIVE_MACROS MATCHES "__FMA__")
+    set(Q3VL_SIMD_HOST ": AVX2 and more on this host")
+  elseif(Q3VL_NATIVE_MACROS MATCHES "__SSE4_2__")
+    set(Q3VL_SIMD_HOST ": SSE4 and more on this host")
+  endif()
+endif()
+message(STATUS "q3vl: instruction set Q3VL_SIMD=${Q3VL_SIMD} (${Q3VL_SIMD_FLAGS_TEXT}${Q3VL_SIMD_HOST}); "
+               "for a cluster of mixed CPUs configure with -DQ3VL_SIMD=<the oldest nodes' level>")
