@@ -6,10 +6,15 @@
 //   ends the whole job with its rank and reason);
 // - without MPI, each process runs with --rank R --world W and writes its shards and part-R.json; then one
 //   `--merge --world W` writes the manifest. MPI is never started for a process mpirun did not launch.
+// Output goes to a staging folder beside --out that is renamed to --out once the manifest is written
+// (io::check_pack_output): an existing pack is replaced only with --overwrite, a failed run leaves --out as it was.
+#include <cstdint>
 #include <exception>
+#include <filesystem>
 #include <iostream>
 #include <optional>
 #include <string>
+#include <system_error>
 #include <vector>
 
 #include "core/check.h"
@@ -21,6 +26,8 @@
 #include "io/video.h"
 #include "parallel/mpi_comm.h"
 
+#include <unistd.h>
+
 namespace q3vl::app {
 
 namespace {
@@ -30,7 +37,8 @@ constexpr const char* kUsage =
     "                 [--mode chat|caption] [--max-len TOKENS (8192)] [--shard-mb MB (256)]\n"
     "                 [--min-pixels N (65536)] [--max-pixels N (16777216)] [--open-sequences N (64)]\n"
     "                 [--fps F (2)] [--video-max-pixels N (25165824, over all frames of a video)]\n"
-    "                 [--rank R --world W] [--merge --world W] [--quiet]\n"
+    "                 [--rank R --world W] [--merge --world W] [--overwrite] [--quiet]\n"
+    "       --out must be absent or empty unless --overwrite (which replaces only an earlier pack)\n"
     "       under mpirun/srun the ranks share the work and rank 0 writes the manifest (no --rank/--world/--merge)";
 
 int64_t parse_int(const std::string& flag, const std::string& value) {
@@ -55,13 +63,25 @@ double parse_double(const std::string& flag, const std::string& value) {
   }
 }
 
-// Packs this rank's slice, gathers the ranks' results on rank 0, which writes the manifest and prints the
-// summary. Any error ends every rank (abort_all): the others would otherwise wait forever in the gather.
+// Rank 0 checks --out and creates the staging folder named after its process id, which it broadcasts; every
+// rank packs its slice into that folder; rank 0 gathers the ranks' results, writes the manifest, renames the
+// folder to --out and prints the summary. Any error ends every rank (abort_all): the others would otherwise
+// wait forever in the gather. The failing rank first removes the staging folder (the ranks share it).
 int pack_with_mpi(parallel::Comm& world, io::PackOptions options, const std::string& tokenizer_path,
                   const io::MediaDecoder& media, bool quiet) {
+  const std::string out_dir = options.out_dir;
+  std::string staging;
   try {
     options.rank = world.rank();
     options.world = world.size();
+    int64_t tag = ::getpid();
+    if (world.rank() == 0) {
+      io::check_pack_output(out_dir, options.overwrite);
+      std::filesystem::remove_all(io::pack_staging_dir(out_dir, std::to_string(tag)));
+      std::filesystem::create_directories(io::pack_staging_dir(out_dir, std::to_string(tag)));
+    }
+    world.broadcast(&tag, sizeof(tag), 0);
+    staging = options.out_dir = io::pack_staging_dir(out_dir, std::to_string(tag));
     if (!quiet && world.rank() == 0) options.progress = &std::cerr;
     const std::string tokenizer_hash = io::tokenizer_file_hash(tokenizer_path);
     const io::Tokenizer tokenizer = io::Tokenizer::load(tokenizer_path);
@@ -72,9 +92,13 @@ int pack_with_mpi(parallel::Comm& world, io::PackOptions options, const std::str
     if (world.rank() == 0) {
       std::vector<io::RankResult> results;
       for (const std::string& text : texts) results.push_back(io::rank_result_from_json(text));
-      std::cout << io::write_pack_manifest(options, tokenizer_hash, results).report();
+      const io::PackSummary total = io::write_pack_manifest(options, tokenizer_hash, results);
+      io::publish_pack_output(staging, out_dir);
+      std::cout << total.report();
     }
   } catch (const std::exception& e) {
+    std::error_code ignored;
+    if (!staging.empty()) std::filesystem::remove_all(staging, ignored);
     parallel::abort_all(std::string("q3vl pack: ") + e.what());
   }
   return 0;
@@ -112,6 +136,7 @@ int run_pack(const std::vector<std::string>& args) {
       (a == "--rank" ? options.rank : options.world) = static_cast<int>(parse_int(a, value()));
       manual_ranks = true;
     } else if (a == "--merge") merge = manual_ranks = true;
+    else if (a == "--overwrite") options.overwrite = true;
     else if (a == "--quiet") quiet = true;
     else if (a == "--help" || a == "-h") {
       std::cout << kUsage << "\n";
@@ -135,11 +160,20 @@ int run_pack(const std::vector<std::string>& args) {
     return pack_with_mpi(mpi->world(), options, tokenizer_path, media, quiet);
   }
   const std::string tokenizer_hash = io::tokenizer_file_hash(tokenizer_path);
-  if (merge) {
-    std::vector<io::RankResult> parts;
-    for (int r = 0; r < options.world; ++r) parts.push_back(io::read_rank_result(io::rank_result_path(options.out_dir, r)));
-    std::cout << io::write_pack_manifest(options, tokenizer_hash, parts).report();
-    return 0;
+  if (merge || options.world > 1) {
+    // Separate processes share no process id: their staging folder has a fixed name, renamed by the merge.
+    io::check_pack_output(options.out_dir, options.overwrite);
+    const std::string out_dir = options.out_dir;
+    options.out_dir = io::pack_staging_dir(out_dir, "ranks");
+    if (merge) {
+      std::vector<io::RankResult> parts;
+      for (int r = 0; r < options.world; ++r)
+        parts.push_back(io::read_rank_result(io::rank_result_path(options.out_dir, r)));
+      const io::PackSummary total = io::write_pack_manifest(options, tokenizer_hash, parts);
+      io::publish_pack_output(options.out_dir, out_dir);
+      std::cout << total.report();
+      return 0;
+    }
   }
   if (!quiet) options.progress = &std::cerr;
   const io::Tokenizer tokenizer = io::Tokenizer::load(tokenizer_path);

@@ -12,6 +12,7 @@
 #include <functional>
 #include <iterator>
 #include <limits>
+#include <optional>
 #include <regex>
 #include <set>
 #include <sstream>
@@ -466,6 +467,11 @@ void check_values(const TrainConfig& c, const std::function<std::string(const st
                                     std::pair{"parallel.tp", p.tp}, std::pair{"parallel.ep", p.ep}}) {
     at_least(key, degree, 1);
   }
+  // world() is an int: dp 65536 x fsdp 65536 used to wrap to "0 ranks".
+  const std::optional<int64_t> world = checked_product({p.dp, p.fsdp, p.ep, p.tp});
+  fail_unless(world && *world <= std::numeric_limits<int>::max(), "parallel",
+              "dp x fsdp x ep x tp = " + std::to_string(p.dp) + " x " + std::to_string(p.fsdp) + " x " +
+                  std::to_string(p.ep) + " x " + std::to_string(p.tp) + " ranks overflows an int");
   at_least("parallel.step_timeout_s", p.step_timeout_s, 0);
 
   fail_unless(!c.output_dir.empty(), "output_dir", "must not be empty");

@@ -4,7 +4,9 @@
 #include <hdf5.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
+#include <optional>
 #include <set>
 #include <type_traits>
 #include <utility>
@@ -106,7 +108,11 @@ DatasetInfo open_dataset(hid_t file, const std::string& path, const std::string&
 template <class T>
 std::vector<T> read_all(const DatasetInfo& d, hid_t mem_type, const std::string& path, const std::string& name) {
   int64_t n = 1;
-  for (int64_t s : d.shape) n *= s;
+  for (int64_t s : d.shape) {
+    const std::optional<int64_t> next = checked_product({n, s});
+    Q3VL_CHECK(s >= 0 && next, "hdf5 ", path, ": dataset '", name, "' has more elements than int64 counts");
+    n = *next;
+  }
   std::vector<T> out(static_cast<size_t>(n));
   if (n > 0)
     Q3VL_CHECK(H5Dread(d.dataset.get(), mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, out.data()) >= 0, "hdf5 ", path,
@@ -123,9 +129,16 @@ std::string shape_str(const std::vector<int64_t>& s) {
   return out + "]";
 }
 
-int64_t grid_patches(const std::vector<int64_t>& grid) {
+// Patches of an [n,3] grid: the sum of t*h*w over its rows; `what` names the grid in the overflow error.
+int64_t grid_patches(const std::vector<int64_t>& grid, const std::string& what) {
   int64_t n = 0;
-  for (size_t i = 0; i + 2 < grid.size(); i += 3) n += grid[i] * grid[i + 1] * grid[i + 2];
+  for (size_t i = 0; i + 2 < grid.size(); i += 3) {
+    const std::optional<int64_t> rows = checked_product({grid[i], grid[i + 1], grid[i + 2]});
+    const std::optional<int64_t> sum = rows ? checked_sum(n, *rows) : std::nullopt;
+    Q3VL_CHECK(sum, what, " row ", i / 3, " = [", grid[i], ",", grid[i + 1], ",", grid[i + 2],
+               "]: the patch count t*h*w (summed over rows) overflows int64");
+    n = *sum;
+  }
   return n;
 }
 
@@ -152,9 +165,15 @@ void read_vision(hid_t file, const std::string& path, const std::set<std::string
   const DatasetInfo p = open_dataset(file, path, pixels_name, H5T_FLOAT, 4, 2);
   Q3VL_CHECK(p.shape[1] == limits.patch_features, "hdf5 ", path, ": dataset '", pixels_name, "' has shape ",
              shape_str(p.shape), ", expected [N,", limits.patch_features, "]");
-  Q3VL_CHECK(p.shape[0] == grid_patches(grid), "hdf5 ", path, ": dataset '", pixels_name, "' has ", p.shape[0],
-             " rows but '", grid_name, "' sums to ", grid_patches(grid), " patches (t*h*w per item)");
+  const int64_t patches = grid_patches(grid, "hdf5 " + path + ": dataset '" + grid_name + "'");
+  Q3VL_CHECK(p.shape[0] == patches, "hdf5 ", path, ": dataset '", pixels_name, "' has ", p.shape[0], " rows but '",
+             grid_name, "' sums to ", patches, " patches (t*h*w per item)");
   pixels = read_all<float>(p, H5T_NATIVE_FLOAT, path, pixels_name);
+  // One NaN pixel makes the whole batch's loss NaN: name it here rather than after the forward.
+  const auto bad = std::find_if(pixels.begin(), pixels.end(), [](float v) { return !std::isfinite(v); });
+  Q3VL_CHECK(bad == pixels.end(), "hdf5 ", path, ": dataset '", pixels_name, "' has value ", *bad, " at [",
+             (bad - pixels.begin()) / limits.patch_features, ",", (bad - pixels.begin()) % limits.patch_features,
+             "], expected a finite number");
 }
 
 H5Handle open_file(const std::string& path) {
@@ -191,8 +210,8 @@ void write_dataset(hid_t file, const std::string& path, const std::string& name,
 
 }  // namespace
 
-int64_t HostBatch::image_patches() const { return grid_patches(image_grid_thw); }
-int64_t HostBatch::video_patches() const { return grid_patches(video_grid_thw); }
+int64_t HostBatch::image_patches() const { return grid_patches(image_grid_thw, "image_grid_thw"); }
+int64_t HostBatch::video_patches() const { return grid_patches(video_grid_thw, "video_grid_thw"); }
 
 HostBatch read_hdf5_batch(const std::string& path, const BatchLimits& limits) {
   const H5Handle file = open_file(path);

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -64,6 +65,12 @@ class Section {
     if (v == nullptr) return fallback;
     if (!v->is_number()) fail(key, "must be a number, got " + v->dump());
     return v->get<double>();
+  }
+  // eps and theta are divided by and taken to powers: zero or negative ones fail far from the file otherwise.
+  double get_positive(const std::string& key, double fallback) {
+    const double v = get_double(key, fallback);
+    if (!(v > 0 && std::isfinite(v))) fail(key, "must be a positive number, got " + find(key)->dump());
+    return v;
   }
   bool get_bool(const std::string& key, bool fallback) {
     const json* v = find(key);
@@ -127,7 +134,7 @@ void parse_rope_block(Section& text, const std::string& key, RopeSettings& rope,
   const std::string type = r.has("rope_type") ? r.get_string("rope_type", "default") : r.get_string("type", "default");
   if (type != "default" && type != "mrope")
     r.fail(r.has("rope_type") ? "rope_type" : "type", "is '" + type + "'; only the default (m)rope is supported");
-  if (r.has("rope_theta")) rope.theta = r.get_double("rope_theta", 0);
+  if (r.has("rope_theta")) rope.theta = r.get_positive("rope_theta", 1);
   const std::vector<int> section = r.get_int_list("mrope_section", {rope.section[0], rope.section[1], rope.section[2]});
   if (section.size() != 3) r.fail("mrope_section", "must have 3 entries (T, H, W)");
   rope.section = {section[0], section[1], section[2]};
@@ -155,7 +162,7 @@ TextConfig parse_text(Section& t, bool moe, const std::string& source) {
   c.hidden_act = t.get_string("hidden_act", "silu");
   c.max_position_embeddings = t.get_int("max_position_embeddings", 128000);
   c.initializer_range = t.get_double("initializer_range", 0.02);
-  c.rms_norm_eps = t.get_double("rms_norm_eps", 1e-6);
+  c.rms_norm_eps = t.get_positive("rms_norm_eps", 1e-6);
   c.attention_bias = t.get_bool("attention_bias", false);
   t.require_value("attention_dropout", 0.0, "training runs without attention dropout");
   t.require_value("sliding_window", nullptr, "Qwen3-VL attends to the whole document");
@@ -200,7 +207,7 @@ TextConfig parse_text(Section& t, bool moe, const std::string& source) {
   parse_rope_block(t, "rope_scaling", rope, source);
   parse_rope_block(t, "rope_parameters", rope, source);
   if (t.has("rope_theta")) {
-    const double theta = t.get_double("rope_theta", 0);
+    const double theta = t.get_positive("rope_theta", 1);
     if (rope.theta && *rope.theta != theta) t.fail("rope_theta", "disagrees with rope_parameters.rope_theta");
     rope.theta = theta;
   }
@@ -236,7 +243,7 @@ VisionConfig parse_vision(Section& v, const std::string& source) {
     Section r(*block, v.where("rope_parameters"), source);
     const std::string type = r.get_string("rope_type", "axial");
     if (type != "axial") r.fail("rope_type", "is '" + type + "'; the vision tower's rotary is axial");
-    c.rope_theta = r.get_double("rope_theta", 10000.0);
+    c.rope_theta = r.get_positive("rope_theta", 10000.0);
     r.finish();
   }
   v.finish();
@@ -306,6 +313,16 @@ ModelConfig parse_hf_config(const std::string& json_text, const std::string& sou
   cfg.vision_start_token_id = top.get_int("vision_start_token_id", 151652);
   cfg.vision_end_token_id = top.get_int("vision_end_token_id", 151653);
   cfg.tie_word_embeddings = top.get_bool("tie_word_embeddings", false);
+  // Each special token marks a different thing (image pads, video pads, the vision span's ends): two equal
+  // ids would make the model read video pads as image pads, found only when the patch counts disagree.
+  const std::pair<const char*, int64_t> special[] = {{"image_token_id", cfg.image_token_id},
+                                                     {"video_token_id", cfg.video_token_id},
+                                                     {"vision_start_token_id", cfg.vision_start_token_id},
+                                                     {"vision_end_token_id", cfg.vision_end_token_id}};
+  for (size_t i = 0; i < std::size(special); ++i)
+    for (size_t j = 0; j < i; ++j)
+      if (special[i].second == special[j].second)
+        top.fail(special[i].first, "is " + std::to_string(special[i].second) + ", the same as " + special[j].first);
   top.finish();
 
   try {

@@ -9,6 +9,9 @@
 #include <optional>
 #include <ostream>
 #include <sstream>
+#include <system_error>
+
+#include <unistd.h>
 
 #include "io/io_version.h"
 
@@ -495,11 +498,65 @@ PackSummary write_pack_manifest(const PackOptions& options, const std::string& t
   return total;
 }
 
+namespace {
+
+// OUT without a trailing separator, so that siblings are named OUT.tmp-TAG, not OUT/.tmp-TAG.
+fs::path output_path(const std::string& out_dir) {
+  fs::path p = fs::path(out_dir).lexically_normal();
+  if (!p.has_filename() && p.has_parent_path()) p = p.parent_path();
+  return p;
+}
+
+}  // namespace
+
+void check_pack_output(const std::string& out_dir, bool overwrite) {
+  const fs::path out = output_path(out_dir);
+  std::error_code ec;
+  const fs::file_status st = fs::status(out, ec);
+  if (!fs::exists(st)) return;
+  Q3VL_CHECK(fs::is_directory(st), "pack: --out ", out_dir, " exists and is not a folder");
+  if (fs::is_empty(out, ec) && !ec) return;
+  Q3VL_CHECK(overwrite, "pack: --out ", out_dir, " is not empty (an earlier pack?); pass --overwrite to replace it");
+  Q3VL_CHECK(fs::exists(out / "manifest.json"), "pack: --out ", out_dir,
+             " holds no manifest.json; --overwrite replaces only an earlier pack, not another folder");
+}
+
+std::string pack_staging_dir(const std::string& out_dir, const std::string& tag) {
+  return output_path(out_dir).string() + ".tmp-" + tag;
+}
+
+void publish_pack_output(const std::string& staging, const std::string& out_dir) {
+  const fs::path out = output_path(out_dir);
+  std::error_code ec;
+  // rename() replaces an empty folder but not a full one: an earlier pack moves aside first and goes last.
+  const fs::path old = out.string() + ".old-" + std::to_string(::getpid());
+  const bool replace = fs::exists(out) && !fs::is_empty(out);
+  if (replace) {
+    fs::rename(out, old, ec);
+    Q3VL_CHECK(!ec, "pack: cannot move the earlier pack ", out_dir, " aside to ", old.string(), ": ", ec.message());
+  }
+  fs::rename(staging, out, ec);
+  Q3VL_CHECK(!ec, "pack: cannot rename the finished pack ", staging, " to ", out_dir, ": ", ec.message());
+  if (replace) fs::remove_all(old, ec);
+}
+
 PackSummary pack(const PackOptions& options, const Tokenizer& tokenizer, const std::string& tokenizer_hash,
                  const MediaDecoder& media) {
   Q3VL_CHECK(options.world == 1, "pack: pack() runs one process; use pack_rank per rank for world ", options.world);
-  const RankResult result = pack_rank(options, tokenizer, tokenizer_hash, media);
-  return write_pack_manifest(options, tokenizer_hash, {result});
+  check_pack_output(options.out_dir, options.overwrite);
+  PackOptions staged = options;
+  staged.out_dir = pack_staging_dir(options.out_dir, std::to_string(::getpid()));
+  fs::remove_all(staged.out_dir);  // left by a killed run that had this process id
+  try {
+    const RankResult result = pack_rank(staged, tokenizer, tokenizer_hash, media);
+    const PackSummary total = write_pack_manifest(staged, tokenizer_hash, {result});
+    publish_pack_output(staged.out_dir, options.out_dir);
+    return total;
+  } catch (...) {
+    std::error_code ignored;
+    fs::remove_all(staged.out_dir, ignored);
+    throw;
+  }
 }
 
 }  // namespace q3vl::io

@@ -56,6 +56,7 @@ struct PackOptions {
   int open_sequences = 64;
   int chunk_samples = 64;  // samples decoded in parallel before packing them in order
   int rank = 0, world = 1;
+  bool overwrite = false;  // pack() may replace an existing pack in out_dir
   std::ostream* progress = nullptr;  // progress lines, when set
 };
 
@@ -103,7 +104,18 @@ RankResult read_rank_result(const std::string& path);
 PackSummary write_pack_manifest(const PackOptions& options, const std::string& tokenizer_hash,
                                 const std::vector<RankResult>& ranks);
 
-// Single process (world 1): pack_rank + write_pack_manifest.
+// The output folder: a pack is written into a staging folder beside it (OUT.tmp-TAG) and renamed to OUT only
+// once its manifest is written, so a failed or killed pack never leaves a partial or empty OUT, and an existing
+// pack is replaced only when asked for (--overwrite).
+// Throws unless out_dir is absent or an empty folder, or `overwrite` is set and out_dir holds a pack (a
+// manifest.json: --overwrite never deletes a folder that is not a pack).
+void check_pack_output(const std::string& out_dir, bool overwrite);
+// OUT.tmp-TAG beside out_dir OUT.
+std::string pack_staging_dir(const std::string& out_dir, const std::string& tag);
+// Renames the complete staging folder to out_dir, replacing what check_pack_output allowed there.
+void publish_pack_output(const std::string& staging, const std::string& out_dir);
+
+// Single process (world 1): check_pack_output, pack_rank + write_pack_manifest into a staging folder, publish.
 PackSummary pack(const PackOptions& options, const Tokenizer& tokenizer, const std::string& tokenizer_hash,
                  const MediaDecoder& media);
 

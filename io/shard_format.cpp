@@ -4,8 +4,11 @@
 #include <hdf5.h>
 
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <mutex>
+#include <optional>
+#include <set>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -344,11 +347,14 @@ ShardReader ShardReader::open(const std::string& path) {
                      (kind == 1 || g[0] == 1),
                  "shard ", path, ": dataset item_grid_thw row ", i, " (", g[0], ", ", g[1], ", ", g[2],
                  ") is not a valid grid");
-      Q3VL_CHECK(fhw[0] == stored_frames(static_cast<VisionKind>(kind), g[0]) && fhw[1] == g[1] * kPatchSize &&
-                     fhw[2] == g[2] * kPatchSize,
+      // In int64: grid entries near 2^31 would overflow int32 products. The byte count bounds t*h*w (which
+      // the loader multiplies later) by the file's size.
+      Q3VL_CHECK(fhw[0] == (kind == 0 ? int64_t{1} : int64_t{kTemporalPatchSize} * g[0]) &&
+                     fhw[1] == int64_t{g[1]} * kPatchSize && fhw[2] == int64_t{g[2]} * kPatchSize,
                  "shard ", path, ": dataset item_frame_hw row ", i, " disagrees with item_grid_thw");
-      Q3VL_CHECK(impl->item_pixels[i + 1] - impl->item_pixels[i] == int64_t{fhw[0]} * fhw[1] * fhw[2] * 3, "shard ",
-                 path, ": dataset item_pixels gives item ", i, " the wrong number of bytes");
+      const std::optional<int64_t> bytes = checked_product({fhw[0], fhw[1], fhw[2], 3});
+      Q3VL_CHECK(bytes && impl->item_pixels[i + 1] - impl->item_pixels[i] == *bytes, "shard ", path,
+                 ": dataset item_pixels gives item ", i, " the wrong number of bytes");
       Q3VL_CHECK(impl->item_token_offset[i] >= 0 && impl->item_token_offset[i] < doc_len, "shard ", path,
                  ": dataset item_token_offset row ", i, " is outside its document");
     }
@@ -392,6 +398,12 @@ ShardSequence ShardReader::read_sequence(int64_t i) const {
     const hsize_t begin = s.document_tokens[d], count = s.document_tokens[d + 1] - s.document_tokens[d];
     doc.tokens = read_rows<int32_t>(s.path, s.tokens, begin, count);
     doc.labels = read_rows<int32_t>(s.path, s.labels, begin, count);
+    // Labels are not shifted: a trained position's label is its own token, anything else would train silently
+    // on a wrong target.
+    for (hsize_t t = 0; t < count; ++t)
+      Q3VL_CHECK(doc.labels[t] == kIgnoreLabel || doc.labels[t] == doc.tokens[t], "shard ", s.path,
+                 ": dataset labels row ", begin + t, " (document ", d, ") is ", doc.labels[t], ", expected ",
+                 kIgnoreLabel, " or the token there, ", doc.tokens[t]);
     for (int64_t k = s.document_items[d]; k < s.document_items[d + 1]; ++k) {
       ShardItem item;
       item.kind = static_cast<VisionKind>(s.item_kind[k]);
@@ -473,20 +485,40 @@ Manifest read_manifest(const std::string& path) {
     Q3VL_CHECK(obj.is_object() && obj.contains(name), "manifest ", path, ": field ", name, " is missing");
     return obj.at(name);
   };
+  // nlohmann converts 3.7 to 3 without complaint: counts must be JSON integers, and not negative.
+  const auto count = [&](const nlohmann::json& obj, const char* name, size_t shard) {
+    const nlohmann::json& v = field(obj, name);
+    Q3VL_CHECK(v.is_number_integer() && v.get<int64_t>() >= 0, "manifest ", path, ": shards[", shard, "].", name,
+               " is ", v.dump(), ", expected a non-negative integer");
+    return v.get<int64_t>();
+  };
   Manifest m;
   try {
     m.format_version = field(j, "format_version").get<int32_t>();
     Q3VL_CHECK(m.format_version == kShardFormatVersion, "manifest ", path, ": format_version is ", m.format_version,
                ", this build reads only version ", kShardFormatVersion);
     m.tokenizer_hash = field(j, "tokenizer_hash").get<std::string>();
-    m.token_budget = field(j, "token_budget").get<int64_t>();
+    const nlohmann::json& budget = field(j, "token_budget");
+    Q3VL_CHECK(budget.is_number_integer() && budget.get<int64_t>() > 0, "manifest ", path, ": token_budget is ",
+               budget.dump(), ", expected a positive integer");
+    m.token_budget = budget.get<int64_t>();
     m.sources = field(j, "sources").get<std::vector<std::string>>();
+    std::set<std::string> seen;
     for (const nlohmann::json& s : field(j, "shards")) {
+      const size_t k = m.shards.size();
       ManifestShard e;
       e.file = field(s, "file").get<std::string>();
-      e.counts = ShardCounts{field(s, "sequences").get<int64_t>(), field(s, "documents").get<int64_t>(),
-                             field(s, "tokens").get<int64_t>(), field(s, "items").get<int64_t>(),
-                             field(s, "pixel_bytes").get<int64_t>()};
+      // Shards live in the pack's folder: the loader opens folder/file, so the name is checked before any
+      // open ('/etc/passwd' or '../x' would read outside it).
+      const std::filesystem::path file(e.file);
+      bool escapes = e.file.empty() || file.is_absolute() || file.has_root_name();
+      for (const std::filesystem::path& part : file) escapes = escapes || part == "..";
+      Q3VL_CHECK(!escapes, "manifest ", path, ": shards[", k, "].file '", e.file,
+                 "' is not a path inside the manifest's folder (absolute or with '..')");
+      Q3VL_CHECK(seen.insert(file.lexically_normal().string()).second, "manifest ", path, ": shards[", k, "].file '",
+                 e.file, "' is listed twice");
+      e.counts = ShardCounts{count(s, "sequences", k), count(s, "documents", k), count(s, "tokens", k),
+                             count(s, "items", k), count(s, "pixel_bytes", k)};
       m.shards.push_back(e);
     }
     if (j.contains("summary")) m.summary_json = j["summary"].dump();

@@ -673,7 +673,7 @@ class TokenizerJsonReader {
   bool value(Json v) {
     switch (top_mode()) {
       case Mode::vocab:
-        if (!v.is_number_integer()) return fail(where() + " has id " + v.dump() + ", expected an integer in [0, 2^31)");
+        if (!v.is_number_integer()) return fail(where() + " has id " + v.dump() + ", expected an integer in [0, 2^24)");
         model.vocab.emplace_back(key_, v.is_number_unsigned() && v.get<uint64_t>() > INT64_MAX ? -1 : v.get<int64_t>());
         return true;
       case Mode::merges:
@@ -939,6 +939,10 @@ void load_pre_tokenizer(const Json& root, TokenizerModel& t) {
   }
 }
 
+// Token ids index dense tables (kinds, spelling, bytes): an id of 2^31-1 would allocate 2^31 entries. 2^24 is
+// 64 times the largest published vocabularies (~262k).
+constexpr int64_t kMaxTokenIds = int64_t{1} << 24;
+
 void set_token(TokenizerModel& t, int32_t id, std::string spelling, TokenizerModel::Kind kind) {
   if (static_cast<size_t>(id) >= t.kinds.size()) {
     t.kinds.resize(id + 1, TokenizerModel::Kind::none);
@@ -951,8 +955,8 @@ void set_token(TokenizerModel& t, int32_t id, std::string spelling, TokenizerMod
 }
 
 int32_t token_id_value(const Json& value, const std::string& where, const std::string& source) {
-  Q3VL_CHECK(value.is_number_integer() && value.get<int64_t>() >= 0 && value.get<int64_t>() < (int64_t{1} << 31),
-             source, ": ", where, " has id ", value.dump(), ", expected an integer in [0, 2^31)");
+  Q3VL_CHECK(value.is_number_integer() && value.get<int64_t>() >= 0 && value.get<int64_t>() < kMaxTokenIds,
+             source, ": ", where, " has id ", value.dump(), ", expected an integer in [0, 2^24)");
   return value.get<int32_t>();
 }
 
@@ -971,9 +975,12 @@ void load_model(const Json& root, const StreamedModel& streamed, TokenizerModel&
   Q3VL_CHECK(streamed.has_vocab, t.source, ": model.vocab is missing or not an object");
   t.vocab.reserve(streamed.vocab.size());
   for (const auto& [spelling, id_value] : streamed.vocab) {
-    Q3VL_CHECK(id_value >= 0 && id_value < (int64_t{1} << 31), t.source, ": model.vocab[\"", spelling, "\"] has id ",
-               id_value, ", expected an integer in [0, 2^31)");
+    Q3VL_CHECK(id_value >= 0 && id_value < kMaxTokenIds, t.source, ": model.vocab[\"", spelling, "\"] has id ",
+               id_value, ", expected an integer in [0, 2^24)");
     const auto id = static_cast<int32_t>(id_value);
+    // Two spellings with one id would make encode produce an id that decodes to the other spelling.
+    Q3VL_CHECK(static_cast<size_t>(id) >= t.kinds.size() || t.kinds[id] == TokenizerModel::Kind::none, t.source,
+               ": model.vocab[\"", t.spelling[id], "\"] and model.vocab[\"", spelling, "\"] share id ", id);
     t.vocab[spelling] = id;
     set_token(t, id, spelling, TokenizerModel::Kind::model);
   }
@@ -1030,6 +1037,14 @@ void load_added_tokens(const Json& root, TokenizerModel& t) {
     token.normalized = flag(entry, "normalized", !token.special);
     Q3VL_CHECK(!t.added_ids.contains(token.content), t.source, ": ", where, " repeats the content \"",
                token.content, "\"");
+    // An added token may name a vocabulary entry by its id (the same bytes, as HF's "<unk>" often does), but
+    // may not give the id of another token: encode would then produce ids that decode to something else.
+    if (static_cast<size_t>(token.id) < t.kinds.size() && t.kinds[token.id] != TokenizerModel::Kind::none) {
+      Q3VL_CHECK(t.kinds[token.id] == TokenizerModel::Kind::model, t.source, ": ", where, " (\"", token.content,
+                 "\") has id ", token.id, ", which an earlier added token (\"", t.spelling[token.id], "\") has");
+      Q3VL_CHECK(t.bytes[token.id] == token.content, t.source, ": ", where, " (\"", token.content, "\") has id ",
+                 token.id, ", which model.vocab[\"", t.spelling[token.id], "\"] has");
+    }
     t.added_ids[token.content] = token.id;
     set_token(t, token.id, token.content,
               token.special ? TokenizerModel::Kind::special : TokenizerModel::Kind::added);

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <span>
 
 #include "core/layer_checks.h"
@@ -37,7 +38,11 @@ GridTotals grid_totals(const char* what, const Tensor& grid) {
   for (int64_t i = 0; i < t.items; ++i) {
     Q3VL_CHECK(g[3 * i] > 0 && g[3 * i + 1] > 0 && g[3 * i + 2] > 0, kForward, ": ", what, "[", i, "] = (", g[3 * i],
                ", ", g[3 * i + 1], ", ", g[3 * i + 2], ") must be positive");
-    t.patches += g[3 * i] * g[3 * i + 1] * g[3 * i + 2];
+    const std::optional<int64_t> patches = checked_product({g[3 * i], g[3 * i + 1], g[3 * i + 2]});
+    const std::optional<int64_t> sum = patches ? checked_sum(t.patches, *patches) : std::nullopt;
+    Q3VL_CHECK(sum, kForward, ": ", what, "[", i, "] = (", g[3 * i], ", ", g[3 * i + 1], ", ", g[3 * i + 2],
+               "): the patch count t*h*w (summed over items) overflows int64");
+    t.patches = *sum;
     t.frames += g[3 * i];
   }
   return t;

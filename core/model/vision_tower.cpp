@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <string>
 
 #include "core/layer_checks.h"
@@ -80,7 +81,11 @@ int64_t check_grid(const char* L, const VisionConfig& c, const Tensor& grid) {
                    g[3 * i + 2] % c.spatial_merge_size == 0,
                L, ": grid[", i, "] = (", g[3 * i], ", ", g[3 * i + 1], ", ", g[3 * i + 2],
                ") must be positive with h and w multiples of spatial_merge_size ", c.spatial_merge_size);
-    patches += g[3 * i] * g[3 * i + 1] * g[3 * i + 2];
+    const std::optional<int64_t> item = checked_product({g[3 * i], g[3 * i + 1], g[3 * i + 2]});
+    const std::optional<int64_t> sum = item ? checked_sum(patches, *item) : std::nullopt;
+    Q3VL_CHECK(sum, L, ": grid[", i, "] = (", g[3 * i], ", ", g[3 * i + 1], ", ", g[3 * i + 2],
+               "): the patch count t*h*w (summed over items) overflows int64");
+    patches = *sum;
   }
   return patches;
 }

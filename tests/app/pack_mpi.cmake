@@ -1,6 +1,7 @@
 # `q3vl pack` under mpiexec against a single-process pack of the same input (run with cmake -P):
 # the MPI run must print one summary (rank 0's), its manifest must list every rank's shards (and they must
-# exist), and the counts in both manifests' summaries must agree.
+# exist), and the counts in both manifests' summaries must agree. It also runs into an existing pack: refused
+# without --overwrite, replaced whole with it.
 # Variables: Q3VL, MPIEXEC, NUMPROC_FLAG, RANKS, PREFLAGS and INPUTS (;-lists), TOKENIZER, WORK_DIR.
 cmake_minimum_required(VERSION 3.25)
 foreach(v Q3VL MPIEXEC NUMPROC_FLAG RANKS INPUTS TOKENIZER WORK_DIR)
@@ -22,11 +23,25 @@ execute_process(COMMAND ${Q3VL} pack ${input_args} --tokenizer ${TOKENIZER} --ou
 if(NOT rc EQUAL 0)
   message(FATAL_ERROR "pack_mpi: the single-process pack failed (${rc}):\n${out_one}\n${err_one}")
 endif()
+# The MPI run's output already holds a pack (a copy of the single-process one): refused without --overwrite
+# (the earlier pack stays), replaced with it, and no staging folder is left beside it.
+file(COPY ${one}/ DESTINATION ${many})
+file(WRITE ${many}/marker "earlier pack")
 execute_process(COMMAND ${MPIEXEC} ${NUMPROC_FLAG} ${RANKS} ${PREFLAGS}
                         ${Q3VL} pack ${input_args} --tokenizer ${TOKENIZER} --out ${many} --quiet
+                RESULT_VARIABLE rc OUTPUT_VARIABLE out_refused ERROR_VARIABLE err_refused)
+if(rc EQUAL 0 OR NOT err_refused MATCHES "is not empty \\(an earlier pack\\?\\); pass --overwrite" OR NOT EXISTS ${many}/marker)
+  message(FATAL_ERROR "pack_mpi: a ${RANKS}-rank pack into an existing pack was not refused (${rc}):\n${err_refused}")
+endif()
+execute_process(COMMAND ${MPIEXEC} ${NUMPROC_FLAG} ${RANKS} ${PREFLAGS}
+                        ${Q3VL} pack ${input_args} --tokenizer ${TOKENIZER} --out ${many} --overwrite --quiet
                 RESULT_VARIABLE rc OUTPUT_VARIABLE out_many ERROR_VARIABLE err_many)
 if(NOT rc EQUAL 0)
   message(FATAL_ERROR "pack_mpi: the ${RANKS}-rank pack failed (${rc}):\n${out_many}\n${err_many}")
+endif()
+file(GLOB leftovers ${WORK_DIR}/*.tmp-* ${WORK_DIR}/*.old-*)
+if(EXISTS ${many}/marker OR leftovers)
+  message(FATAL_ERROR "pack_mpi: --overwrite kept the earlier pack's files or left folders behind: ${leftovers}")
 endif()
 message(STATUS "single process:\n${out_one}")
 message(STATUS "${RANKS} ranks:\n${out_many}")

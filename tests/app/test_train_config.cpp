@@ -313,6 +313,8 @@ INSTANTIATE_TEST_SUITE_P(
         BadInput{"data_dir_empty", "model: {flavor: tiny-moe}\ndata: {dir: ''}\n", {}, {"data.dir: required"}},
         BadInput{"parallel_zero", with("parallel: {dp: 0}\n"), {}, {"parallel.dp", ">= 1"}},
         BadInput{"parallel_ep_zero", with("parallel: {fsdp: 2, ep: 0}\n"), {}, {"parallel.ep", ">= 1"}},
+        BadInput{"parallel_world_overflow", with("parallel: {dp: 65536, fsdp: 65536}\n"), {},
+                 {"train.yaml", "parallel: dp x fsdp x ep x tp = 65536 x 65536 x 1 x 1 ranks overflows an int"}},
         BadInput{"output_dir_empty", with("output_dir: ''\n"), {}, {"train.yaml:3:1: output_dir: must not be empty"}},
         BadInput{"value_from_set", kMinimal, {"optimizer.freeze=[vision_tower, mergers, language_model]"},
                  {"--set optimizer.freeze=[vision_tower, mergers, language_model]: optimizer.freeze: freezes every"}}),

@@ -1,6 +1,8 @@
 // HDF5 batch files: round trip of the input schema, an error naming file and dataset for every schema
 // violation, and the output writer (arrays, scalars, groups, atomic close).
 #include <gtest/gtest.h>
+
+#include <cmath>
 #include <unistd.h>
 
 #include <filesystem>
@@ -121,7 +123,11 @@ TEST(Hdf5Batch, SchemaViolationsAreErrorsNamingFileAndDataset) {
   bad_ids[1] = 200000;
   std::vector<int32_t> ids32(b.input_ids.begin(), b.input_ids.end());
   std::vector<double> pix64(b.pixel_values.begin(), b.pixel_values.end());
+  std::vector<float> pix_nan = b.pixel_values;
+  pix_nan[kF + 5] = std::nanf("");
   const std::vector<int64_t> grid_zero{1, 0, 4}, grid_odd{1, 3, 4}, grid_big{1, 4, 6}, grid2{1, 4, 4, 1};
+  // t*h*w = (2^62+1)*16 wraps to exactly the 16 pixel rows: it used to pass every check and crash the forward.
+  const std::vector<int64_t> grid_wraps{(int64_t{1} << 62) + 1, 4, 4};
   auto with = [](const char* name, const std::vector<int64_t>* data, std::vector<int64_t> shape) {
     return [=](Hdf5Writer& w, const HostBatch&) { w.write(name, data->data(), shape); };
   };
@@ -166,6 +172,15 @@ TEST(Hdf5Batch, SchemaViolationsAreErrorsNamingFileAndDataset) {
        "h and w must be multiples of the spatial merge size 2"},
       {"grid_rows", sample_except({"image_grid_thw"}, with("image_grid_thw", &grid_big, {1, 3})),
        "dataset 'pixel_values' has 16 rows but 'image_grid_thw' sums to 24 patches"},
+      {"pixels_nan",
+       sample_except({"pixel_values"},
+                     [&](Hdf5Writer& w, const HostBatch&) {
+                       w.write("pixel_values", pix_nan.data(), {16, kF});
+                     }),
+       "dataset 'pixel_values' has value nan at [1,5], expected a finite number"},
+      {"grid_overflow", sample_except({"image_grid_thw"}, with("image_grid_thw", &grid_wraps, {1, 3})),
+       "dataset 'image_grid_thw' row 0 = [4611686018427387905,4,4]: the patch count t*h*w (summed over rows) "
+       "overflows int64"},
       {"features",
        sample_except({"pixel_values"},
                      [&](Hdf5Writer& w, const HostBatch& s) {

@@ -283,6 +283,12 @@ TEST(HfConfig, UnknownKeysAndBadValuesAreErrorsNamingKeyAndFile) {
       {"/vision_config/out_hidden_size", 4096, "out_hidden_size 4096 != text_config.hidden_size 2048"},
       {"/text_config/rope_scaling/mrope_interleaved", false, "only interleaved MRoPE"},
       {"/image_token_id", 200000, "special token id 200000 outside the vocabulary"},
+      // Caught at parse, naming the key (they used to fail later, far from config.json).
+      {"/text_config/rms_norm_eps", -1e-6, "/ckpt/config.json: text_config.rms_norm_eps must be a positive number, got -1e-06"},
+      {"/text_config/rope_theta", 0, "/ckpt/config.json: text_config.rope_theta must be a positive number, got 0"},
+      {"/vision_config/rope_parameters", json{{"rope_type", "axial"}, {"rope_theta", 0.0}},
+       "vision_config.rope_parameters.rope_theta must be a positive number, got 0.0"},
+      {"/video_token_id", 151655, "/ckpt/config.json: video_token_id is 151655, the same as image_token_id"},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.pointer);

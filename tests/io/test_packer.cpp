@@ -257,6 +257,57 @@ TEST(Packer, RanksPackDisjointSlicesIntoOneManifest) {
   fs::remove_all(f.dir);
 }
 
+// Names in `dir`, sorted: shows what a pack left behind beside its output.
+std::set<std::string> entries(const fs::path& dir) {
+  std::set<std::string> names;
+  for (const fs::directory_entry& e : fs::directory_iterator(dir)) names.insert(e.path().filename().string());
+  return names;
+}
+
+TEST(Packer, RefusesAnExistingPackUnlessOverwriteAndReplacesItWhole) {
+  const Fixture f = write_inputs("overwrite");
+  PackOptions o = options_for(f, "out");
+  EXPECT_EQ(pack(o, qwen_tokenizer(), "h", fake_media()).samples_packed, 4);
+  const std::string manifest = slurp(o.out_dir + "/manifest.json");
+  // A second pack into the same folder (here of a smaller input) must not replace the first one silently.
+  const std::string small = (f.dir / "small.jsonl").string();
+  std::ofstream(small) << slurp(f.input).substr(0, slurp(f.input).find('\n') + 1);
+  const std::set<std::string> before = entries(f.dir);
+  o.inputs = {small};
+  test::expect_error([&] { pack(o, qwen_tokenizer(), "h", fake_media()); },
+                     "pack: --out " + o.out_dir + " is not empty (an earlier pack?); pass --overwrite to replace it");
+  EXPECT_EQ(slurp(o.out_dir + "/manifest.json"), manifest);
+
+  o.overwrite = true;
+  EXPECT_EQ(pack(o, qwen_tokenizer(), "h", fake_media()).samples_packed, 1);
+  EXPECT_EQ(read_all_documents(o.out_dir).size(), 1u);
+  EXPECT_EQ(entries(f.dir), before);  // no staging or moved-aside folder is left beside it
+  // Only a pack is replaced: --overwrite refuses a folder without a manifest.
+  const fs::path other = f.dir / "not_a_pack";
+  fs::create_directories(other);
+  std::ofstream(other / "notes.txt") << "keep";
+  o.out_dir = other.string();
+  test::expect_error([&] { pack(o, qwen_tokenizer(), "h", fake_media()); },
+                     "holds no manifest.json; --overwrite replaces only an earlier pack");
+  EXPECT_EQ(slurp((other / "notes.txt").string()), "keep");
+  // An existing empty folder is a fine output.
+  o.overwrite = false;
+  o.out_dir = (f.dir / "empty").string();
+  fs::create_directories(o.out_dir);
+  EXPECT_EQ(pack(o, qwen_tokenizer(), "h", fake_media()).samples_packed, 1);
+  fs::remove_all(f.dir);
+}
+
+TEST(Packer, FailedPackLeavesNoFolder) {
+  const fs::path dir = temp_dir("failed");
+  PackOptions o;
+  o.inputs = {"/nonexistent/x.jsonl"};
+  o.out_dir = (dir / "out").string();
+  test::expect_error([&] { pack(o, qwen_tokenizer(), "h", MediaDecoder{}); }, "cannot open input /nonexistent/x.jsonl");
+  EXPECT_TRUE(entries(dir).empty());  // neither out nor its staging folder
+  fs::remove_all(dir);
+}
+
 TEST(Packer, WholeRunErrors) {
   PackOptions o;
   o.inputs = {"/nonexistent/x.jsonl"};

@@ -196,6 +196,47 @@ TEST(Shards, ManifestRoundTripAndDisagreement) {
   fs::remove_all(dir);
 }
 
+TEST(Shards, ALabelIsTheTokenAtItsPositionOrIgnored) {
+  const fs::path dir = temp_dir("labels");
+  const std::string path = (dir / "s.h5").string();
+  // Document 1 (rows 8-10) trains on 10 and 11; row 10's label 42 is a valid id but not the token there.
+  std::vector<ShardSequence> seqs = sample_sequences();
+  seqs[0].documents[1].labels = {-100, 10, 42};
+  write_shard(path, header(), seqs);
+  const ShardReader r = ShardReader::open(path);
+  test::expect_error([&] { r.read_sequence(0); },
+                     path + ": dataset labels row 10 (document 1) is 42, expected -100 or the token there, 11");
+  r.read_sequence(1);
+  fs::remove_all(dir);
+}
+
+TEST(Shards, ManifestRefusesDuplicateShardsNonIntegerCountsAndPathsOutsideItsFolder) {
+  const fs::path dir = temp_dir("manifest_bad");
+  const std::string path = (dir / "manifest.json").string();
+  const auto manifest_with = [&](const std::string& shards) {
+    std::ofstream(path) << R"({"format_version": 1, "tokenizer_hash": "h", "token_budget": 16, "sources": [],
+                               "shards": [)" << shards << "]}";
+  };
+  const auto shard = [](const std::string& file, const std::string& tokens = "17") {
+    return R"({"file": ")" + file + R"(", "sequences": 2, "documents": 3, "tokens": )" + tokens +
+           R"(, "items": 2, "pixel_bytes": 18432})";
+  };
+  manifest_with(shard("a.h5") + "," + shard("b.h5"));
+  EXPECT_EQ(read_manifest(path).shards.size(), 2u);
+  manifest_with(shard("a.h5") + "," + shard("./a.h5"));
+  test::expect_error([&] { read_manifest(path); }, path + ": shards[1].file './a.h5' is listed twice");
+  manifest_with(shard("a.h5", "3.7"));
+  test::expect_error([&] { read_manifest(path); }, path + ": shards[0].tokens is 3.7, expected a non-negative integer");
+  manifest_with(shard("a.h5", "-1"));
+  test::expect_error([&] { read_manifest(path); }, "shards[0].tokens is -1, expected a non-negative integer");
+  for (const std::string bad : {"/etc/passwd", "../outside.h5", "sub/../../outside.h5"}) {
+    manifest_with(shard("a.h5") + "," + shard(bad));
+    test::expect_error([&] { read_manifest(path); }, path + ": shards[1].file '" + bad +
+                                                         "' is not a path inside the manifest's folder");
+  }
+  fs::remove_all(dir);
+}
+
 TEST(Shards, TokenizerHash) {
   const fs::path dir = temp_dir("hash");
   std::ofstream(dir / "t.json") << "a";

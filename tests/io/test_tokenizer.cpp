@@ -191,7 +191,30 @@ TEST(Tokenizer, ErrorsNameTheProblem) {
                "variant.json: model.vocab[\"\xC4\xA0\"] has id \"x\", expected an integer");
   Json big_id = tiny;
   big_id["model"]["vocab"]["\xC4\xA0"] = int64_t{1} << 31;
-  expect_error([&] { load_variant(big_id); }, "has id 2147483648, expected an integer in [0, 2^31)");
+  expect_error([&] { load_variant(big_id); }, "has id 2147483648, expected an integer in [0, 2^24)");
+  // 2^31-1 used to end in an unnamed vector::_M_fill_insert error (tables sized by the largest id).
+  big_id["model"]["vocab"]["\xC4\xA0"] = (int64_t{1} << 31) - 1;
+  expect_error([&] { load_variant(big_id); },
+               "variant.json: model.vocab[\"\xC4\xA0\"] has id 2147483647, expected an integer in [0, 2^24)");
+  // Two entries with one id: encode would produce an id that decodes to the other spelling.
+  Json shared_id = tiny;
+  const int64_t a_id = tiny["model"]["vocab"]["a"].get<int64_t>();
+  shared_id["model"]["vocab"]["b"] = a_id;
+  expect_error([&] { load_variant(shared_id); }, "variant.json: model.vocab[\"");
+  expect_error([&] { load_variant(shared_id); }, "share id " + std::to_string(a_id));
+  Json added_shared = tiny;
+  added_shared["added_tokens"] = Json::array({{{"id", a_id}, {"content", "<|x|>"}, {"special", true}}});
+  expect_error([&] { load_variant(added_shared); },
+               "variant.json: added_tokens[0] (\"<|x|>\") has id " + std::to_string(a_id) + ", which model.vocab[\"a\"] has");
+  added_shared["added_tokens"].push_back({{"id", 100000}, {"content", "<|y|>"}, {"special", true}});
+  added_shared["added_tokens"].push_back({{"id", 100000}, {"content", "<|z|>"}, {"special", true}});
+  added_shared["added_tokens"].erase(0);
+  expect_error([&] { load_variant(added_shared); },
+               "variant.json: added_tokens[1] (\"<|z|>\") has id 100000, which an earlier added token (\"<|y|>\") has");
+  // The same bytes under the same id is how HF files name a vocabulary entry as an added token: accepted.
+  Json added_same = tiny;
+  added_same["added_tokens"] = Json::array({{{"id", a_id}, {"content", "a"}, {"special", false}}});
+  load_variant(added_same);
   Json triple = tiny;
   triple["model"]["merges"][2] = {"a", "b", "c"};
   expect_error([&] { load_variant(triple); }, "variant.json: model.merges[2] is not a pair of tokens");

@@ -3,10 +3,18 @@
 // workspace is sized up front, and bad batches fail with errors naming the problem.
 #include <gtest/gtest.h>
 
+#include <nlohmann/json.hpp>
+
 #include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <functional>
+#include <limits>
 #include <string>
 
+#include "io/hdf5_batch.h"
 #include "tests/model/test_model_tiny.h"
+#include "tests/support/test_files.h"
 
 namespace q3vl::test {
 namespace {
@@ -266,6 +274,74 @@ TEST(ModelForward, BadBatchesAreErrorsNamingTheProblem) {
     Workspace ws(m, BatchShape::of(b));
     EXPECT_NE(error_of([&] { m.backward(ws); }).find("no forward to differentiate"), std::string::npos);
   }
+}
+
+// `q3vl forward` on non-finite numbers: a copy of the golden MoE checkpoint with the float32 values of tensor `key`
+// edited in its safetensors.
+std::string golden_moe() { return std::string(Q3VL_SOURCE_DIR) + "/tests/golden/fixtures/moe"; }
+
+std::string checkpoint_with(const TempDir& tmp, const std::string& key, const std::function<void(float*, int64_t)>& edit) {
+  const std::string dir = tmp / "model";
+  std::filesystem::create_directories(dir);
+  std::filesystem::copy_file(golden_moe() + "/config.json", dir + "/config.json");
+  std::string bytes = read_all(golden_moe() + "/model.safetensors");
+  uint64_t header_len = 0;
+  std::memcpy(&header_len, bytes.data(), 8);
+  const nlohmann::json header = nlohmann::json::parse(bytes.substr(8, header_len));
+  const auto offsets = header.at(key).at("data_offsets");
+  EXPECT_EQ(header.at(key).at("dtype"), "F32");
+  float* data = reinterpret_cast<float*>(bytes.data() + 8 + header_len + offsets[0].get<size_t>());
+  edit(data, (offsets[1].get<int64_t>() - offsets[0].get<int64_t>()) / 4);
+  write_all(dir + "/model.safetensors", bytes);
+  return dir;
+}
+
+CommandRun run_forward(const std::string& model, const std::string& batch, const std::string& out) {
+  return run_command(std::string("'") + Q3VL_CLI + "' forward --model " + model + " --batch " + batch + " --out " + out);
+}
+
+TEST(ForwardCli, NaNWeightIsAnErrorNamingTheTensor) {
+  TempDir tmp;
+  const std::string model = checkpoint_with(tmp, "model.language_model.layers.1.post_attention_layernorm.weight",
+                                            [](float* w, int64_t) { w[3] = std::nanf(""); });
+  const CommandRun run = run_forward(model, golden_moe() + "/image_single/batch.h5", tmp / "out.h5");
+  EXPECT_NE(run.exit_code, 0) << run.output;
+  EXPECT_NE(run.output.find("q3vl: error: "), std::string::npos) << run.output;
+  EXPECT_NE(run.output.find("checkpoint " + model + ": tensor model.language_model.layers.1.post_attention_layernorm"
+                            ".weight holds nan at element 3"),
+            std::string::npos)
+      << run.output;
+  EXPECT_EQ(run.output.find("\"loss\":-nan"), std::string::npos) << run.output;
+}
+
+TEST(ForwardCli, NaNPixelIsAnErrorNamingIt) {
+  TempDir tmp;
+  io::HostBatch batch = io::read_hdf5_batch(golden_moe() + "/image_single/batch.h5");
+  ASSERT_FALSE(batch.pixel_values.empty());
+  batch.pixel_values[7] = std::nanf("");
+  io::write_hdf5_batch(tmp / "batch.h5", batch);
+  const CommandRun run = run_forward(golden_moe(), tmp / "batch.h5", tmp / "out.h5");
+  EXPECT_NE(run.exit_code, 0) << run.output;
+  EXPECT_NE(run.output.find("dataset 'pixel_values' has value nan at [0,7], expected a finite number"),
+            std::string::npos)
+      << run.output;
+}
+
+// Finite weights whose logits overflow: the loss comes out non-finite; the event line stays JSON (null) and the
+// command fails naming the loss.
+TEST(ForwardCli, NonFiniteLossIsJsonNullAndAnError) {
+  TempDir tmp;
+  const std::string model = checkpoint_with(tmp, "lm_head.weight", [](float* w, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) w[i] = (i % 2 ? -1.0f : 1.0f) * std::numeric_limits<float>::max();
+  });
+  const CommandRun run = run_forward(model, golden_moe() + "/image_single/batch.h5", tmp / "out.h5");
+  EXPECT_NE(run.exit_code, 0) << run.output;
+  const size_t at = run.output.find("{\"event\":\"forward\"");
+  ASSERT_NE(at, std::string::npos) << run.output;
+  const nlohmann::json event = nlohmann::json::parse(run.output.substr(at, run.output.find('\n', at) - at));
+  EXPECT_TRUE(event.at("loss").is_null()) << run.output;
+  EXPECT_NE(run.output.find("is not finite (an overflow in the forward; written as null)"), std::string::npos)
+      << run.output;
 }
 
 }  // namespace

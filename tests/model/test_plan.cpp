@@ -7,10 +7,8 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include <sys/wait.h>
 
 #include <algorithm>
-#include <cstdio>
 #include <fstream>
 #include <iostream>
 #include <map>
@@ -43,30 +41,11 @@ TEST(Plan, ThirtyBA3BHasThePublishedParameterCount) {
   EXPECT_EQ(count_parameters(io::load_model_config("30B-A3B")), 31070754032);
 }
 
-struct CliRun {
-  int exit_code = -1;
-  std::string output;  // stdout and stderr
-};
-
-CliRun run_q3vl(const std::string& args) {
-  const std::string command = std::string("'") + Q3VL_CLI + "' " + args + " 2>&1";
-  FILE* pipe = ::popen(command.c_str(), "r");
-  if (pipe == nullptr) {
-    ADD_FAILURE() << "cannot start " << command;
-    return {};
-  }
-  CliRun run;
-  char buf[4096];
-  size_t n = 0;
-  while ((n = std::fread(buf, 1, sizeof buf, pipe)) > 0) run.output.append(buf, n);
-  const int status = ::pclose(pipe);
-  run.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return run;
-}
+CommandRun run_q3vl(const std::string& args) { return run_command(std::string("'") + Q3VL_CLI + "' " + args); }
 
 // The {"event":"plan_layout",...} line of a successful `q3vl plan`.
 nlohmann::json plan_layout(const std::string& args) {
-  const CliRun run = run_q3vl("plan " + args);
+  const CommandRun run = run_q3vl("plan " + args);
   EXPECT_EQ(run.exit_code, 0) << run.output;
   const std::string key = "{\"event\":\"plan_layout\"";
   const size_t at = run.output.find(key);
@@ -323,7 +302,7 @@ ModelConfig tiny_moe_with(const TempDir& dir, const std::string& section, const 
 }
 
 void expect_refused(const std::string& args, const std::string& message) {
-  const CliRun run = run_q3vl("plan " + args);
+  const CommandRun run = run_q3vl("plan " + args);
   EXPECT_EQ(run.exit_code, 1) << args << "\n" << run.output;
   EXPECT_NE(run.output.find("q3vl: error: "), std::string::npos) << args << "\n" << run.output;
   EXPECT_NE(run.output.find(message), std::string::npos) << args << "\nexpected: " << message << "\n" << run.output;
@@ -372,7 +351,7 @@ TEST(PlanLayout, ThirtyBA3BLayoutsOfIssue6) {
   // stream. Printed for the notes, and checked against the computation from the parameter list; the bound
   // below is the 1/128 or 1/512 share of 31070754032 parameters.
   for (int64_t fsdp : {16, 64}) {
-    const CliRun run = run_q3vl("plan --model 30B-A3B --tokens 4096 --fsdp " + std::to_string(fsdp) + " --ep 8");
+    const CommandRun run = run_q3vl("plan --model 30B-A3B --tokens 4096 --fsdp " + std::to_string(fsdp) + " --ep 8");
     ASSERT_EQ(run.exit_code, 0) << run.output;
     std::cout << run.output;
     expect_layout("30B-A3B", 1, fsdp, 1, 8, 4096);

@@ -1,4 +1,5 @@
-// File helpers for tests: a per-test temporary directory removed afterwards, and whole-file byte reads/writes.
+// File helpers for tests: a per-test temporary directory removed afterwards, whole-file byte reads/writes, and
+// running a command (the q3vl binary) for its exit code and output.
 #pragma once
 
 #include <filesystem>
@@ -22,5 +23,12 @@ class TempDir {
 
 std::string read_all(const std::string& path);
 void write_all(const std::string& path, const std::string& bytes);
+
+struct CommandRun {
+  int exit_code = -1;  // -1 when the command did not exit normally
+  std::string output;  // stdout and stderr
+};
+// Runs `command` through the shell with stderr merged into stdout.
+CommandRun run_command(const std::string& command);
 
 }  // namespace q3vl::test
