@@ -85,10 +85,24 @@ ExpertLayout expert_layout(const SafetensorsDir& ckpt, const std::vector<ParamSp
   return transposed ? ExpertLayout::transposed : ExpertLayout::published;
 }
 
-// Converts a stored [E, B, A] tensor into dst [E, A, B] (f32), tile by tile so reads and writes stay local.
+// out [E, A, B] = the transpose of a stored [E, B, A] whose element i is value(i), tile by tile so reads and
+// writes stay local.
+template <class Value>
+void transpose_experts(const Value& value, int64_t experts, int64_t rows, int64_t cols, float* out) {
+  constexpr int64_t kTile = 64;
+  const int64_t col_tiles = (cols + kTile - 1) / kTile;
+#pragma omp parallel for schedule(static) if (experts * rows * cols >= (1 << 16))
+  for (int64_t task = 0; task < experts * col_tiles; ++task) {
+    const int64_t e = task / col_tiles, c0 = (task % col_tiles) * kTile, c1 = std::min(cols, c0 + kTile);
+    for (int64_t r0 = 0; r0 < rows; r0 += kTile)
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < std::min(rows, r0 + kTile); ++r)
+          out[(e * rows + r) * cols + c] = value((e * cols + c) * rows + r);
+  }
+}
+
+// Converts a stored [E, B, A] tensor into dst [E, A, B] (f32).
 void read_transposed(std::span<const std::byte> src, StDType dtype, const Tensor& dst) {
-  const int64_t experts = dst.size(0), rows = dst.size(1), cols = dst.size(2);
-  float* out = dst.data<float>();
   const auto* bytes = src.data();
   auto value = [&](int64_t i) -> float {
     if (dtype == StDType::F32) {
@@ -100,16 +114,7 @@ void read_transposed(std::span<const std::byte> src, StDType dtype, const Tensor
     std::memcpy(&h, bytes + 2 * i, 2);
     return dtype == StDType::BF16 ? bf16_to_f32(h) : f16_to_f32(h);
   };
-  constexpr int64_t kTile = 64;
-  const int64_t col_tiles = (cols + kTile - 1) / kTile;
-#pragma omp parallel for schedule(static) if (experts * rows * cols >= (1 << 16))
-  for (int64_t task = 0; task < experts * col_tiles; ++task) {
-    const int64_t e = task / col_tiles, c0 = (task % col_tiles) * kTile, c1 = std::min(cols, c0 + kTile);
-    for (int64_t r0 = 0; r0 < rows; r0 += kTile)
-      for (int64_t c = c0; c < c1; ++c)
-        for (int64_t r = r0; r < std::min(rows, r0 + kTile); ++r)
-          out[(e * rows + r) * cols + c] = value((e * cols + c) * rows + r);
-  }
+  transpose_experts(value, dst.size(0), dst.size(1), dst.size(2), dst.data<float>());
 }
 
 }  // namespace
@@ -174,10 +179,31 @@ void load_hf_weights(const std::string& dir, const ModelConfig& config, const We
 StDirLayout save_hf_checkpoint(const std::string& dir, const ModelConfig& config, const WeightLookup& lookup,
                                DType dtype, uint64_t max_shard_bytes,
                                const std::function<void(const std::string& key)>& before_write) {
+  const std::vector<ParamSpec> specs = model_param_specs(config);
+  // transformers 5.x transposes a published-layout expert tensor on load only when its shape differs from the
+  // one it holds, so a square one (H == 2I or H == I) would load untransposed. Such a config is written in
+  // transformers' own layout, all its expert tensors alike (the layout load_hf_weights reads from the non-square
+  // ones); every other config keeps the published layout.
+  const bool transformers_layout = std::ranges::any_of(
+      specs, [](const ParamSpec& s) { return s.kind == ParamKind::experts && s.shape[1] == s.shape[2]; });
+  // One buffer for every transposed tensor: the writer reads each right after its prepare().
+  int64_t largest_experts = 0;
+  for (const ParamSpec& s : specs)
+    if (transformers_layout && s.kind == ParamKind::experts) largest_experts = std::max(largest_experts, s.numel());
+  std::vector<float> transposed(static_cast<size_t>(largest_experts));
   std::vector<StWriteEntry> entries;
-  for (const ParamSpec& s : model_param_specs(config)) {
-    StWriteEntry e{s.hf_key, destination(s, lookup, "checkpoint save"), {}};
+  for (const ParamSpec& s : specs) {
+    const Tensor weight = destination(s, lookup, "checkpoint save");
+    StWriteEntry e{s.hf_key, weight, {}};
     if (before_write) e.prepare = [&before_write, key = s.hf_key] { before_write(key); };
+    if (transformers_layout && s.kind == ParamKind::experts) {
+      e.tensor = Tensor(transposed.data(), DType::f32, stored_shape(s, ExpertLayout::transposed));
+      e.prepare = [&before_write, key = s.hf_key, weight, out = e.tensor] {
+        if (before_write) before_write(key);  // a streaming lookup fills `weight` only now
+        const float* in = weight.data<float>();
+        transpose_experts([in](int64_t i) { return in[i]; }, out.size(0), out.size(1), out.size(2), out.data<float>());
+      };
+    }
     entries.push_back(std::move(e));
   }
   std::error_code ec;

@@ -10,7 +10,9 @@
 // transposed layout that transformers 5.x save_pretrained writes ([E, 2I, H], [E, H, I]), decided once per
 // checkpoint by the shapes of its non-square expert tensors: a square one (H == 2I or H == I) fits both layouts,
 // but the other expert tensor of its layer is then non-square. A checkpoint whose expert tensors disagree is
-// refused, naming one tensor of each layout. Saving always writes the published layout.
+// refused, naming one tensor of each layout. Saving writes the published layout, except for a config with a square
+// expert tensor: transformers 5.x would load that one untransposed, so all its expert tensors are written in
+// transformers' layout.
 #pragma once
 
 #include <cstdint>

@@ -16,7 +16,9 @@
 // deletes what it just saved); a removed or replaced folder loses its COMPLETE marker (fsynced) before its
 // contents, so a crash midway never leaves a partial folder that looks complete. Every file is written with
 // POSIX write + fsync, so a real ENOSPC or EIO is reported with the path and the system's reason.
-// model/ is byte for byte what save_hf_checkpoint(dir, config, lookup, DType::f32, 0) writes.
+// model/ is byte for byte what save_hf_checkpoint(dir, config, lookup, DType::f32, 0) writes, except that its
+// experts are always in the published layout (CheckpointReader reads them by element range), also for a config
+// with square experts, which save_hf_checkpoint writes in transformers' layout.
 //
 // Fault injection for tests: set_write_fault_after_bytes(n) (or the environment variable
 // Q3VL_FAULT_WRITE_AFTER_BYTES=n read at the first save) makes checkpoint writes fail with the error a full

@@ -16,6 +16,11 @@ and then, for each export:
 - logits: `q3vl forward` and transformers (fp32, eager attention and experts) on the same batch.h5 agree within
   1e-4 absolute (the golden tests' bound); CE and aux loss within 1e-5 relative.
 
+Then the same for two square-expert configs (tiny-moe with hidden 64 = 2 x moe_intermediate_size 32: gate_up_proj
+square; and = moe_intermediate_size 64: down_proj square), trained from a config.json with an f32 export: their
+expert tensors must be exported in transformers' layout ([E, 2I, H], [E, H, I]), which from_pretrained keeps as
+it is, since it transposes a published-layout tensor only when the shapes differ.
+
 Usage: tests/golden/check_export.sh [--keep] [--work DIR] ...; prints one line per check, exits 1 on any failure.
 """
 
@@ -47,6 +52,8 @@ TOKENIZER = ROOT / "tests/shared/assets/qwen3-tokenizer"
 LOGITS_ATOL = 1e-4  # the golden tests' bound (tests/model/test_golden.cpp): fp32 summation order differs
 LOSS_RTOL = 1e-5    # idem for CE and aux loss
 SHARD_MB = 16       # small enough that the tiny model spreads over several shards
+FLAVOR = ROOT / "jobs/flavors/tiny-moe.json"
+SQUARE = {"square_gate_up": 32, "square_down": 64}  # moe_intermediate_size for tiny-moe's hidden 64: H = 2I, H = I
 PAD_ID = 151643     # <|endoftext|>
 IMAGE_MEAN = IMAGE_STD = [0.5, 0.5, 0.5]  # Qwen3-VL's preprocessor_config.json
 IGNORED_KEYS = {"dtype", "transformers_version"}  # bookkeeping, not the model
@@ -77,27 +84,10 @@ def run(cmd, log):
 # ---------------------------------------------------------------------------------------------- q3vl side
 
 
-def pack_and_train(q3vl, work, samples, steps, report):
-    lines = CAPTIONS.read_text().splitlines()[:samples]
-    jsonl = work / "samples.jsonl"
-    records = []
-    for line in lines:
-        record = json.loads(line)
-        record["images"] = [str(CAPTIONS.parent / name) for name in record["images"]]
-        records.append(record)
-    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
-
-    t0 = time.time()
-    run([q3vl, "pack", "--input", jsonl, "--tokenizer", TOKENIZER / "tokenizer.json", "--out", work / "packed",
-         "--min-pixels", 4096, "--max-pixels", 16384, "--max-len", 256, "--quiet"], work / "pack.log")
-    summary = json.loads((work / "packed/manifest.json").read_text())["summary"]
-    report.line("pack", f"{summary['samples_packed']}/{summary['samples_in']} samples -> {summary['sequences']} "
-                f"sequences, {summary['tokens']} tokens, {summary['images']} images ({time.time() - t0:.1f} s)",
-                summary["samples_packed"] == samples)
-
-    (work / "train.yaml").write_text(f"""\
+def train_yaml(model, steps, output_dir):
+    return f"""\
 model:
-  flavor: tiny-moe
+{model}
   init_seed: 0
 data:
   dir: packed
@@ -116,12 +106,37 @@ export:
   dtype: f32
   shard_mb: {SHARD_MB}
   tokenizer: {TOKENIZER}
-output_dir: run
-""")
+output_dir: {output_dir}
+"""
+
+
+def train(q3vl, work, yaml_name, yaml, output_dir):
+    (work / yaml_name).write_text(yaml)
+    run([q3vl, "train", work / yaml_name], work / f"{output_dir}.log")
+    records = [json.loads(l) for l in (work / output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r.get("event") == "step"]
+
+
+def pack_and_train(q3vl, work, samples, steps, report):
+    lines = CAPTIONS.read_text().splitlines()[:samples]
+    jsonl = work / "samples.jsonl"
+    records = []
+    for line in lines:
+        record = json.loads(line)
+        record["images"] = [str(CAPTIONS.parent / name) for name in record["images"]]
+        records.append(record)
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+
     t0 = time.time()
-    run([q3vl, "train", work / "train.yaml"], work / "train.log")
-    records = [json.loads(l) for l in (work / "run/metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in records if r.get("event") == "step"]
+    run([q3vl, "pack", "--input", jsonl, "--tokenizer", TOKENIZER / "tokenizer.json", "--out", work / "packed",
+         "--min-pixels", 4096, "--max-pixels", 16384, "--max-len", 256, "--quiet"], work / "pack.log")
+    summary = json.loads((work / "packed/manifest.json").read_text())["summary"]
+    report.line("pack", f"{summary['samples_packed']}/{summary['samples_in']} samples -> {summary['sequences']} "
+                f"sequences, {summary['tokens']} tokens, {summary['images']} images ({time.time() - t0:.1f} s)",
+                summary["samples_packed"] == samples)
+
+    t0 = time.time()
+    losses = train(q3vl, work, "train.yaml", train_yaml("  flavor: tiny-moe", steps, "run"), "run")
     report.line("train", f"tiny-moe {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}, f32 export "
                 f"({time.time() - t0:.1f} s)", len(losses) == steps)
 
@@ -132,6 +147,24 @@ output_dir: run
         run([q3vl, "convert", "--checkpoint", work / "run", "--out", exports[dtype], "--dtype", dtype,
              "--shard-mb", SHARD_MB, "--tokenizer", TOKENIZER], work / "convert.log")
         report.line("convert", f"final checkpoint -> {dtype} export ({time.time() - t0:.1f} s)")
+    return exports
+
+
+def train_square(q3vl, work, steps, report):
+    """tiny-moe with square expert tensors (SQUARE), from a config.json, trained on the same pack with an f32
+    export."""
+    exports = {}
+    for name, intermediate in SQUARE.items():
+        config = json.loads(FLAVOR.read_text())
+        config["text_config"]["moe_intermediate_size"] = intermediate
+        (work / f"{name}.json").write_text(json.dumps(config, indent=2))
+        t0 = time.time()
+        losses = train(q3vl, work, f"train-{name}.yaml", train_yaml(f"  config: {name}.json", steps, name), name)
+        hidden = config["text_config"]["hidden_size"]
+        report.line("train", f"{name}: tiny-moe with moe_intermediate_size {intermediate} (hidden {hidden}), "
+                    f"{len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}, f32 export "
+                    f"({time.time() - t0:.1f} s)", len(losses) == steps)
+        exports[name] = work / name / "hf"
     return exports
 
 
@@ -353,21 +386,36 @@ def shard_tensors(export_dir):
     return tensors
 
 
-def check_weights(model, tensors, report, tag):
-    """Every HF parameter equals its shard tensor upcast to f32; experts are stored x@W [E, in, out] and held
-    [E, out, in], so they compare transposed."""
+def expert_layout(model, tensors):
+    """'published' when every expert tensor is stored x@W ([E, in, out], what q3vl exports unless a config has
+    square experts), 'transformers' when every one is stored as transformers holds it ([E, out, in]); None for a
+    mixture. The non-square tensors decide, as in q3vl's reader."""
     params = dict(model.named_parameters(remove_duplicate=False))
+    layouts = set()
+    for key, param in params.items():
+        if not is_expert(key) or param.shape[1] == param.shape[2]:
+            continue
+        layouts.add("transformers" if tensors[key].shape == param.shape else "published")
+    return layouts.pop() if len(layouts) == 1 else None
+
+
+def check_weights(model, tensors, report, tag, layout="published"):
+    """Every HF parameter equals its shard tensor upcast to f32; experts are stored in `layout`: published x@W
+    [E, in, out] (compared transposed, as HF holds [E, out, in]) or transformers' own [E, out, in]."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    found = expert_layout(model, tensors)
     differ = []
     for key, param in params.items():
         disk = tensors[key].to(torch.float32)
-        if is_expert(key):
+        if is_expert(key) and layout == "published":
             disk = disk.transpose(1, 2)
         if disk.shape != param.shape or not torch.equal(disk, param.detach()):
             differ.append(key)
     extra = sorted(set(tensors) - set(params))
-    report.line(tag, f"weights: {len(params)} parameters against their shard tensors: "
-                + ("all equal" if not differ and not extra else f"differ {differ[:5]}, unused {extra[:5]}"),
-                not differ and not extra)
+    ok = not differ and not extra and found == layout
+    report.line(tag, f"weights: experts stored in the {found} layout (expected {layout}); {len(params)} parameters "
+                "against their shard tensors: "
+                + ("all equal" if not differ and not extra else f"differ {differ[:5]}, unused {extra[:5]}"), ok)
 
 
 def hf_forward(model, batch):
@@ -467,6 +515,15 @@ def main():
         print(f"[{tag}] ({time.time() - t0:.1f} s)", flush=True)
     check_rounding("bf16", tensors["f32"], tensors["bf16"], torch.bfloat16, report)
     check_rounding("f16", tensors["f32"], tensors["f16"], torch.float16, report)
+
+    for tag, export_dir in train_square(q3vl, work, args.steps, report).items():
+        t0 = time.time()
+        check_files(export_dir, "F32", report, tag)
+        model = load_hf(export_dir, report, tag)
+        check_weights(model, shard_tensors(export_dir), report, tag, layout="transformers")
+        q3vl_out = q3vl_forward(q3vl, export_dir, work / "batch.h5", work / f"q3vl-{tag}.h5", work / "forward.log")
+        compare(tag, q3vl_out, hf_forward(model, batch), report)
+        print(f"[{tag}] ({time.time() - t0:.1f} s)", flush=True)
 
     verdict = "PASS" if not report.failures else f"FAIL ({len(report.failures)} checks)"
     print(f"check_export: {verdict} in {time.time() - start:.0f} s", flush=True)

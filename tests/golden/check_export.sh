@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Checks q3vl's Hugging Face export against transformers (check_export.py): pack, train tiny-moe a few steps with
-# an f32 export, convert to bf16 and f16, then from_pretrained, files, config and logits of each export.
+# an f32 export, convert to bf16 and f16, then from_pretrained, files, config and logits of each export; then the
+# same for two square-expert variants of tiny-moe, which must be exported in transformers' layout.
 # Usage: tests/golden/check_export.sh [--keep] [--work DIR] [--samples N] [--steps N]
 # Environment: VENV (default build/golden-venv, made by tests/golden/generate.sh), Q3VL (default build/app/q3vl).
 set -euo pipefail

@@ -180,6 +180,58 @@ TEST(Checkpoint, ExpertTensorsDisagreeingOnTheLayoutAreRefused) {
                      "has shape [8,64,48], the transformers 5 [E, 2I, H] / [E, H, I] layout");
 }
 
+// A config with a square expert tensor (H == 2I: gate_up_proj, H == I: down_proj) is saved with all its expert
+// tensors in transformers' layout, which transformers 5.x loads as it is, and q3vl reads back; other configs keep
+// the published layout. The weights come through a streaming lookup (one staging tensor filled by before_write, as
+// the sharded trainer's export does), over several shards.
+TEST(Checkpoint, SquareExpertConfigsAreSavedInTheTransformersLayout) {
+  TempDir tmp;
+  for (const int64_t intermediate : {32, 64, 48}) {
+    ModelConfig config = small_vocab("tiny-moe");
+    ASSERT_EQ(config.text.hidden_size, 64);
+    config.text.moe_intermediate_size = intermediate;
+    const bool square = intermediate != 48;
+    const std::string dir = tmp / ("moe_i" + std::to_string(intermediate));
+    Weights original(config, 29);
+    size_t largest = 0;
+    for (const auto& [key, values] : original.data) largest = std::max(largest, values.size());
+    std::vector<float> staging(largest);
+    const WeightLookup lookup = [&](const std::string& key) {
+      return Tensor(staging.data(), DType::f32, original.shapes.at(key));
+    };
+    save_hf_checkpoint(dir, config, lookup, DType::f32, 64 * 1024, [&](const std::string& key) {
+      const std::vector<float>& values = original.data.at(key);
+      std::copy(values.begin(), values.end(), staging.begin());
+    });
+    ASSERT_TRUE(fs::exists(dir + "/model.safetensors.index.json")) << dir;
+
+    const SafetensorsDir saved(dir);
+    int experts = 0;
+    for (const ParamSpec& s : model_param_specs(config)) {
+      if (s.kind != ParamKind::experts) continue;
+      ++experts;
+      const int64_t e = s.shape[0], a = s.shape[1], b = s.shape[2];
+      const std::vector<int64_t> want = square ? std::vector<int64_t>{e, b, a} : std::vector<int64_t>{e, a, b};
+      ASSERT_EQ(saved.info(s.hf_key).shape, want) << dir << " " << s.hf_key;
+      std::vector<float> stored(static_cast<size_t>(s.numel()));
+      saved.read(s.hf_key, Tensor(stored.data(), DType::f32, Shape{want[0], want[1], want[2]}));
+      const std::vector<float>& values = original.data.at(s.hf_key);
+      for (int64_t x = 0; x < e; ++x)
+        for (int64_t i = 0; i < a; ++i)
+          for (int64_t j = 0; j < b; ++j) {
+            const int64_t at = square ? (x * b + j) * a + i : (x * a + i) * b + j;
+            ASSERT_EQ(stored[static_cast<size_t>(at)], values[static_cast<size_t>((x * a + i) * b + j)])
+                << dir << " " << s.hf_key << " [" << x << ", " << i << ", " << j << "]";
+          }
+    }
+    EXPECT_GT(experts, 0) << dir;
+
+    Weights loaded(config, 0);
+    load_hf_weights(dir, config, loaded.lookup());
+    EXPECT_EQ(loaded.data, original.data) << dir;
+  }
+}
+
 // The golden fixtures (written by tests/golden/generate.py with transformers) load through the same path.
 TEST(Checkpoint, GoldenFixtureCheckpointsLoad) {
   const fs::path fixtures = fs::path(Q3VL_SOURCE_DIR) / "tests" / "golden" / "fixtures";
