@@ -1,23 +1,33 @@
-// Arena implementation (CPU memory; the CUDA backend adds device allocation).
+// Arena implementation: host memory, or one device allocation (core/device.h) for a CUDA arena.
 #include "core/arena.h"
 
 #include <cstdlib>
 
 #include "core/check.h"
+#include "core/device.h"
 
 namespace q3vl {
 
 Arena::Arena(std::string name, size_t capacity_bytes, Device device)
     : name_(std::move(name)), device_(device), capacity_(aligned(capacity_bytes)) {
-  Q3VL_CHECK(device_ == Device::cpu, "arena '", name_, "': device ", device_name(device_),
-             " is not built in this binary");
+  if (device_ == Device::cuda) {
+    // Device memory is never touched by the host, so it is one allocation even when empty-sized arenas
+    // are asked for (a null base is fine there).
+    if (capacity_ > 0) base_ = device_alloc(capacity_, "arena '" + name_ + "'");
+    return;
+  }
   if (capacity_ > 0) {
     base_ = std::aligned_alloc(kAlign, capacity_);
     Q3VL_CHECK(base_ != nullptr, "arena '", name_, "': cannot allocate ", capacity_, " bytes");
   }
 }
 
-Arena::~Arena() { std::free(base_); }
+Arena::~Arena() {
+  if (device_ == Device::cuda)
+    device_free(base_);
+  else
+    std::free(base_);
+}
 
 void* Arena::allocate(size_t bytes) {
   const size_t size = aligned(bytes);

@@ -5,6 +5,7 @@
 #include <sstream>
 
 #include "core/arena.h"
+#include "core/device.h"
 
 namespace q3vl {
 
@@ -51,7 +52,10 @@ Tensor Tensor::empty(Arena& arena, Shape shape, DType dtype) {
 
 Tensor Tensor::zeros(Arena& arena, Shape shape, DType dtype) {
   Tensor t = empty(arena, shape, dtype);
-  std::memset(t.raw(), 0, t.nbytes());
+  if (t.device() == Device::cuda)
+    device_zero(t.raw(), t.nbytes());
+  else
+    std::memset(t.raw(), 0, t.nbytes());
   return t;
 }
 
@@ -104,10 +108,15 @@ Tensor Tensor::operator[](int64_t i) const {
   return t;
 }
 
-std::string Tensor::str() const { return std::string(dtype_name(dtype_)) + shape_.str(); }
+std::string Tensor::str() const {
+  std::string s = std::string(dtype_name(dtype_)) + shape_.str();
+  if (device_ != Device::cpu) s += "@" + std::string(device_name(device_));
+  return s;
+}
 
 void fill(const Tensor& t, double value) {
   Q3VL_CHECK(t.is_contiguous(), "fill: tensor ", t.str(), " is not contiguous");
+  Q3VL_CHECK(t.device() == Device::cpu, "fill: tensor ", t.str(), " is not in host memory (fill a host tensor and copy it)");
   const int64_t n = t.numel();
   switch (t.dtype()) {
     case DType::f32: { float* p = t.data<float>(); for (int64_t i = 0; i < n; ++i) p[i] = static_cast<float>(value); break; }
@@ -121,7 +130,11 @@ void fill(const Tensor& t, double value) {
 void copy(const Tensor& dst, const Tensor& src) {
   Q3VL_CHECK(dst.dtype() == src.dtype() && dst.shape() == src.shape(), "copy: ", src.str(), " into ", dst.str());
   Q3VL_CHECK(dst.is_contiguous() && src.is_contiguous(), "copy: non-contiguous ", src.str(), " -> ", dst.str());
-  if (dst.nbytes() > 0) std::memcpy(dst.raw(), src.raw(), dst.nbytes());
+  if (dst.nbytes() == 0) return;
+  if (dst.device() == Device::cpu && src.device() == Device::cpu)
+    std::memcpy(dst.raw(), src.raw(), dst.nbytes());
+  else
+    copy_bytes(dst.raw(), dst.device(), src.raw(), src.device(), dst.nbytes());
 }
 
 }  // namespace q3vl

@@ -49,6 +49,13 @@ class Tensor {
   size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype_); }
   bool is_contiguous() const;
   void* raw() const { return data_; }
+  // The typed pointer of a device tensor, for the CUDA backend's kernels (dtype checked, device memory only).
+  template <class T>
+  T* device_data(DType dtype) const {
+    Q3VL_CHECK(dtype_ == dtype, "tensor ", str(), " accessed as ", dtype_name(dtype));
+    Q3VL_CHECK(device_ == Device::cuda, "tensor ", str(), " is not in device memory");
+    return static_cast<T*>(data_);
+  }
 
   template <class T>
   T* data() const {
@@ -71,7 +78,8 @@ class Tensor {
   std::array<int64_t, kMaxDims> strides_{};
 };
 
-// Element-wise helpers on contiguous CPU tensors.
+// fill: every element of a contiguous host tensor. copy: same dtype and shape, contiguous, between any two of
+// host and device memory.
 void fill(const Tensor& t, double value);
 void copy(const Tensor& dst, const Tensor& src);
 

@@ -1,4 +1,5 @@
-// Bit-exact conversions between fp32 and the 16-bit storage formats of checkpoints: bf16 and IEEE fp16.
+// Bit-exact conversions between fp32 and the 16-bit storage formats of checkpoints: bf16 (core/bf16.h) and
+// IEEE fp16.
 // Widening is exact; narrowing rounds to nearest, ties to even (what torch's .to(bfloat16/float16) does),
 // overflows to infinity and keeps NaN a (quiet) NaN of the same sign. Bit manipulation only, so results do
 // not depend on compiler or CPU half-float support; inline so conversion loops vectorise.
@@ -7,18 +8,13 @@
 #include <bit>
 #include <cstdint>
 
+#include "core/bf16.h"
+
 namespace q3vl::io {
 
-inline float bf16_to_f32(uint16_t h) { return std::bit_cast<float>(static_cast<uint32_t>(h) << 16); }
-
-inline uint16_t f32_to_bf16(float f) {
-  const uint32_t bits = std::bit_cast<uint32_t>(f);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x0040u);  // quiet NaN
-  // Adding 0x7fff plus the lowest kept bit rounds to nearest with ties to even; a carry into the exponent
-  // is the correct rounding up (to the next binade or to infinity).
-  const uint32_t rounding = 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>((bits + rounding) >> 16);
-}
+// bf16 conversion lives in core (one place for the whole project).
+using q3vl::bf16_to_f32;
+using q3vl::f32_to_bf16;
 
 inline float f16_to_f32(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;

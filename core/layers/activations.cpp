@@ -1,9 +1,11 @@
-// GELU (tanh and erf), SwiGLU forward/backward, element-wise and parallel over elements/rows.
+// GELU (tanh and erf), SwiGLU forward/backward, element-wise and parallel over elements/rows (device tensors
+// go to the CUDA backend).
 #include "core/layers/activations.h"
 
 #include <cmath>
 #include <numbers>
 
+#include "core/kernels/cuda_layers.h"
 #include "core/layer_checks.h"
 
 namespace q3vl {
@@ -42,6 +44,7 @@ void require_same(const char* layer, const char* name, const Tensor& t, const Te
 }  // namespace
 
 void gelu_forward(Gelu kind, const Tensor& x, const Tensor& y) {
+  if (on_cuda({&x, &y})) return cuda_layers().gelu_forward(kind, x, y);
   const char* L = "gelu_forward";
   require_same(L, "x", x, x);
   require_same(L, "y", y, x);
@@ -56,6 +59,7 @@ void gelu_forward(Gelu kind, const Tensor& x, const Tensor& y) {
 }
 
 void gelu_backward(Gelu kind, const Tensor& x, const Tensor& dy, const Tensor& dx) {
+  if (on_cuda({&x, &dy, &dx})) return cuda_layers().gelu_backward(kind, x, dy, dx);
   const char* L = "gelu_backward";
   require_same(L, "x", x, x);
   require_same(L, "dy", dy, x);
@@ -71,6 +75,7 @@ void gelu_backward(Gelu kind, const Tensor& x, const Tensor& dy, const Tensor& d
 }
 
 void swiglu_forward(const Tensor& gate_up, const Tensor& y) {
+  if (on_cuda({&gate_up, &y})) return cuda_layers().swiglu_forward(gate_up, y);
   const char* L = "swiglu_forward";
   const DType dt = gate_up.dtype();
   require(L, "gate_up", gate_up, dt, {-1, -1});
@@ -91,6 +96,7 @@ void swiglu_forward(const Tensor& gate_up, const Tensor& y) {
 }
 
 void swiglu_backward(const Tensor& gate_up, const Tensor& dy, const Tensor& dgate_up) {
+  if (on_cuda({&gate_up, &dy, &dgate_up})) return cuda_layers().swiglu_backward(gate_up, dy, dgate_up);
   const char* L = "swiglu_backward";
   const DType dt = gate_up.dtype();
   require(L, "gate_up", gate_up, dt, {-1, -1});

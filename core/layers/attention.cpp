@@ -16,6 +16,7 @@
 #include <limits>
 
 #include "core/kernels/cpu/gemm.h"
+#include "core/kernels/cuda_layers.h"
 #include "core/layer_checks.h"
 
 namespace q3vl {
@@ -172,6 +173,8 @@ void check_cu_seqlens(const char* layer, const Tensor& cu_seqlens, int64_t n) {
 
 void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens, bool causal,
                        double scale, const Tensor& out, const Tensor& lse) {
+  if (on_cuda({&q, &k, &v, &cu_seqlens, &out, &lse}))
+    return cuda_layers().attention_forward(q, k, v, cu_seqlens, causal, scale, out, lse);
   const char* L = "attention_forward";
   const Geometry g = check_qkv(L, q, k, v, cu_seqlens, scale);
   const DType dt = q.dtype();
@@ -211,6 +214,8 @@ size_t attention_backward_scratch_bytes(DType dtype) {
 void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                         const Tensor& dout, const Tensor& cu_seqlens, bool causal, double scale, const Tensor& dq,
                         const Tensor& dk, const Tensor& dv, Arena& scratch) {
+  if (on_cuda({&q, &k, &v, &out, &lse, &dout, &cu_seqlens, &dq, &dk, &dv}))
+    return cuda_layers().attention_backward(q, k, v, out, lse, dout, cu_seqlens, causal, scale, dq, dk, dv, scratch);
   const char* L = "attention_backward";
   const Geometry g = check_qkv(L, q, k, v, cu_seqlens, scale);
   const DType dt = q.dtype();

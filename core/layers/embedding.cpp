@@ -1,8 +1,9 @@
-// Embedding gather and its deterministic scatter-add backward.
+// Embedding gather and its deterministic scatter-add backward (device tensors go to the CUDA backend).
 #include "core/layers/embedding.h"
 
 #include <algorithm>
 
+#include "core/kernels/cuda_layers.h"
 #include "core/layer_checks.h"
 
 namespace q3vl {
@@ -17,6 +18,7 @@ void require_ids(const char* layer, const Tensor& ids, int64_t vocab) {
 }  // namespace
 
 void embedding_forward(const Tensor& ids, const Tensor& table, const Tensor& y) {
+  if (on_cuda({&ids, &table, &y})) return cuda_layers().embedding_forward(ids, table, y);
   const char* L = "embedding_forward";
   const DType dt = table.dtype();
   require(L, "table", table, dt, {-1, -1});
@@ -36,6 +38,7 @@ void embedding_forward(const Tensor& ids, const Tensor& table, const Tensor& y) 
 }
 
 void embedding_backward(const Tensor& ids, const Tensor& dy, const Tensor& dtable) {
+  if (on_cuda({&ids, &dy, &dtable})) return cuda_layers().embedding_backward_rows(ids, dy, 0, dtable);
   const char* L = "embedding_backward";
   require(L, "dtable", dtable, dtable.dtype(), {-1, -1});
   require_ids(L, ids, dtable.size(0));
@@ -43,6 +46,7 @@ void embedding_backward(const Tensor& ids, const Tensor& dy, const Tensor& dtabl
 }
 
 void embedding_backward_rows(const Tensor& ids, const Tensor& dy, int64_t row_begin, const Tensor& dtable) {
+  if (on_cuda({&ids, &dy, &dtable})) return cuda_layers().embedding_backward_rows(ids, dy, row_begin, dtable);
   const char* L = "embedding_backward_rows";
   const DType dt = dtable.dtype();
   require(L, "dtable", dtable, dt, {-1, -1});

@@ -1,12 +1,14 @@
-// Linear forward/backward on the CPU GEMM.
+// Linear forward/backward on the CPU GEMM (device tensors go to the CUDA backend).
 #include "core/layers/linear.h"
 
 #include "core/kernels/cpu/gemm.h"
+#include "core/kernels/cuda_layers.h"
 #include "core/layer_checks.h"
 
 namespace q3vl {
 
 void linear_forward(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& y) {
+  if (on_cuda({&x, &w, &b, &y})) return cuda_layers().linear_forward(x, w, b, y);
   const char* L = "linear_forward";
   const DType dt = w.dtype();
   require(L, "w", w, dt, {-1, -1});
@@ -30,6 +32,7 @@ void linear_forward(const Tensor& x, const Tensor& w, const Tensor& b, const Ten
 
 void linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, const Tensor& dx, const Tensor& dw,
                      const Tensor& db) {
+  if (on_cuda({&x, &w, &dy, &dx, &dw, &db})) return cuda_layers().linear_backward(x, w, dy, dx, dw, db);
   const char* L = "linear_backward";
   const DType dt = w.dtype();
   require(L, "w", w, dt, {-1, -1});

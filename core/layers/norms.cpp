@@ -1,15 +1,18 @@
 // RMSNorm and LayerNorm forward/backward. Row statistics accumulate in double: for fp32 data this is at
-// least as accurate as PyTorch's fp32 reduction, and it keeps f64 test runs exact.
+// least as accurate as PyTorch's fp32 reduction, and it keeps f64 test runs exact. Device tensors go to the
+// CUDA backend (statistics f32 there).
 #include "core/layers/norms.h"
 
 #include <cmath>
 
+#include "core/kernels/cuda_layers.h"
 #include "core/layer_checks.h"
 #include "core/layers/column_sums.h"
 
 namespace q3vl {
 
 void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, const Tensor& y, const Tensor& rstd) {
+  if (on_cuda({&x, &w, &y, &rstd})) return cuda_layers().rmsnorm_forward(x, w, eps, y, rstd);
   const char* L = "rmsnorm_forward";
   const DType dt = x.dtype();
   require(L, "x", x, dt, {-1, -1});
@@ -36,6 +39,7 @@ void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, const Tensor&
 
 void rmsnorm_backward(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, const Tensor& dx,
                       const Tensor& dw) {
+  if (on_cuda({&x, &w, &rstd, &dy, &dx, &dw})) return cuda_layers().rmsnorm_backward(x, w, rstd, dy, dx, dw);
   const char* L = "rmsnorm_backward";
   const DType dt = x.dtype();
   require(L, "x", x, dt, {-1, -1});
@@ -69,6 +73,7 @@ void rmsnorm_backward(const Tensor& x, const Tensor& w, const Tensor& rstd, cons
 
 void layernorm_forward(const Tensor& x, const Tensor& w, const Tensor& b, double eps, const Tensor& y,
                        const Tensor& mean, const Tensor& rstd) {
+  if (on_cuda({&x, &w, &b, &y, &mean, &rstd})) return cuda_layers().layernorm_forward(x, w, b, eps, y, mean, rstd);
   const char* L = "layernorm_forward";
   const DType dt = x.dtype();
   require(L, "x", x, dt, {-1, -1});
@@ -101,6 +106,8 @@ void layernorm_forward(const Tensor& x, const Tensor& w, const Tensor& b, double
 
 void layernorm_backward(const Tensor& x, const Tensor& w, const Tensor& mean, const Tensor& rstd, const Tensor& dy,
                         const Tensor& dx, const Tensor& dw, const Tensor& db) {
+  if (on_cuda({&x, &w, &mean, &rstd, &dy, &dx, &dw, &db}))
+    return cuda_layers().layernorm_backward(x, w, mean, rstd, dy, dx, dw, db);
   const char* L = "layernorm_backward";
   const DType dt = x.dtype();
   require(L, "x", x, dt, {-1, -1});

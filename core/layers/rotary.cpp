@@ -1,9 +1,11 @@
-// Rotary tables (fp32 angles as in HF) and the rotate_half rotation forward/backward.
+// Rotary tables (fp32 angles as in HF) and the rotate_half rotation forward/backward (device tensors go to the
+// CUDA backend; the tables are made here on the host and uploaded).
 #include "core/layers/rotary.h"
 
 #include <cmath>
 #include <vector>
 
+#include "core/kernels/cuda_layers.h"
 #include "core/layer_checks.h"
 
 namespace q3vl {
@@ -152,10 +154,12 @@ void rotate(const char* layer, const Tensor& x, const Tensor& cos, const Tensor&
 }  // namespace
 
 void rotary_forward(const Tensor& x, const Tensor& cos, const Tensor& sin, const Tensor& y) {
+  if (on_cuda({&x, &cos, &sin, &y})) return cuda_layers().rotary_forward(x, cos, sin, y);
   rotate("rotary_forward", x, cos, sin, y, false);
 }
 
 void rotary_backward(const Tensor& dy, const Tensor& cos, const Tensor& sin, const Tensor& dx) {
+  if (on_cuda({&dy, &cos, &sin, &dx})) return cuda_layers().rotary_backward(dy, cos, sin, dx);
   rotate("rotary_backward", dy, cos, sin, dx, true);
 }
 

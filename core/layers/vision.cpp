@@ -1,10 +1,12 @@
 // Patch embedding, bilinear position-embedding resampling and the (optionally tensor-parallel) patch merger of
-// the vision tower.
+// the vision tower. On device tensors the position embedding goes to the CUDA backend and the merger runs the
+// same composite of device layers (LayerNorm statistics f32 under bf16, as the device layers keep them).
 #include "core/layers/vision.h"
 
 #include <algorithm>
 #include <span>
 
+#include "core/kernels/cuda_layers.h"
 #include "core/layer_checks.h"
 #include "core/layers/activations.h"
 #include "core/layers/linear.h"
@@ -85,6 +87,21 @@ void check_indices(const char* L, const Tensor& idx, int64_t rows) {
 
 // ---- Patch-merger helpers ----
 
+// The merger's LayerNorm statistics: f32 under bf16 activations (the device layers keep them in f32).
+DType stat_dtype(DType dt) { return dt == DType::bf16 ? DType::f32 : dt; }
+
+// `require` for a merger tensor, which lives where x lives: host memory, or the CUDA device (where the merger
+// composes the device layers unchanged).
+void require_on(Device device, const char* L, const char* name, const Tensor& t, DType dt,
+                std::initializer_list<int64_t> shape) {
+  if (device == Device::cpu) return require(L, name, t, dt, shape);
+  Q3VL_CHECK(t.defined(), L, ": ", name, " is missing");
+  require_dtype(L, name, t, dt);
+  require_shape(L, name, t, shape);
+  Q3VL_CHECK(t.device() == device, L, ": ", name, " ", t.str(), " is in host memory, but x is on the CUDA device");
+  Q3VL_CHECK(t.is_contiguous(), L, ": ", name, " ", t.str(), " is not contiguous");
+}
+
 struct MergerDims {
   int64_t patches, tokens, norm_rows;
 };
@@ -108,15 +125,15 @@ int64_t local_merged(const char* L, const PatchMergerConfig& c, const TensorPara
   return c.merged() / parts;
 }
 
-void require_merger_weights(const char* L, const PatchMergerConfig& c, const PatchMergerWeights& w, DType dt,
-                            int64_t local, bool grads) {
+void require_merger_weights(const char* L, const PatchMergerConfig& c, const PatchMergerWeights& w, Device device,
+                            DType dt, int64_t local, bool grads) {
   const int64_t k = c.merged();
-  require(L, grads ? "grads.norm_w" : "norm_w", w.norm_w, dt, {c.norm_dim()});
-  require(L, grads ? "grads.norm_b" : "norm_b", w.norm_b, dt, {c.norm_dim()});
-  require(L, grads ? "grads.fc1_w" : "fc1_w", w.fc1_w, dt, {local, k});
-  require(L, grads ? "grads.fc1_b" : "fc1_b", w.fc1_b, dt, {local});
-  require(L, grads ? "grads.fc2_w" : "fc2_w", w.fc2_w, dt, {c.out_hidden, local});
-  require(L, grads ? "grads.fc2_b" : "fc2_b", w.fc2_b, dt, {c.out_hidden});
+  require_on(device, L, grads ? "grads.norm_w" : "norm_w", w.norm_w, dt, {c.norm_dim()});
+  require_on(device, L, grads ? "grads.norm_b" : "norm_b", w.norm_b, dt, {c.norm_dim()});
+  require_on(device, L, grads ? "grads.fc1_w" : "fc1_w", w.fc1_w, dt, {local, k});
+  require_on(device, L, grads ? "grads.fc1_b" : "fc1_b", w.fc1_b, dt, {local});
+  require_on(device, L, grads ? "grads.fc2_w" : "fc2_w", w.fc2_w, dt, {c.out_hidden, local});
+  require_on(device, L, grads ? "grads.fc2_b" : "fc2_b", w.fc2_b, dt, {c.out_hidden});
 }
 
 // Checks config, x and the weights (`local` fc1 columns); returns the sizes derived from x.
@@ -124,10 +141,12 @@ MergerDims check_merger(const char* L, const PatchMergerConfig& c, const PatchMe
                         int64_t local) {
   Q3VL_CHECK(x.defined(), L, ": x is missing");
   const DType dt = x.dtype();
-  Q3VL_CHECK(dt == DType::f32 || dt == DType::f64, L, ": x has dtype ", dtype_name(dt), ", expected f32 or f64");
-  require(L, "x", x, dt, {-1, c.hidden});
+  const bool cuda = x.device() == Device::cuda;
+  Q3VL_CHECK(dt == DType::f32 || dt == (cuda ? DType::bf16 : DType::f64), L, ": x has dtype ", dtype_name(dt),
+             cuda ? ", expected f32 or bf16 on the CUDA device" : ", expected f32 or f64");
+  require_on(x.device(), L, "x", x, dt, {-1, c.hidden});
   const MergerDims d = merger_dims(L, c, x.size(0));
-  require_merger_weights(L, c, w, dt, local, false);
+  require_merger_weights(L, c, w, x.device(), dt, local, false);
   return d;
 }
 
@@ -139,6 +158,11 @@ void patch_embed_forward(const PatchEmbedGeometry& geometry, const Tensor& pixel
                          const Tensor& y) {
   const char* L = "patch_embed_forward";
   check_geometry(L, geometry);
+  if (on_cuda({&pixels, &w, &b, &y})) {
+    // On the device the Conv3d is the linear layer over flattened patches; linear_forward checks the tensors.
+    Q3VL_CHECK(w.defined() && (w.ndim() == 5 || w.ndim() == 2), L, ": w ", w.str(), " is not a conv weight");
+    return linear_forward(pixels, w.view({w.size(0), w.numel() / std::max<int64_t>(w.size(0), 1)}), b, y);
+  }
   const DType dt = w.dtype();
   const Tensor w_flat = flat_conv_weight(L, "w", geometry, w, dt, -1);
   const int64_t out = w_flat.size(0);
@@ -152,6 +176,12 @@ void patch_embed_backward(const PatchEmbedGeometry& geometry, const Tensor& pixe
                           const Tensor& dpixels, const Tensor& dw, const Tensor& db) {
   const char* L = "patch_embed_backward";
   check_geometry(L, geometry);
+  if (on_cuda({&pixels, &w, &dy, &dpixels, &dw, &db})) {
+    Q3VL_CHECK(w.defined() && dw.defined() && w.shape() == dw.shape(), L, ": dw ", dw.str(), " does not match w ",
+               w.str());
+    const int64_t out = w.size(0), features = w.numel() / std::max<int64_t>(out, 1);
+    return linear_backward(pixels, w.view({out, features}), dy, dpixels, dw.view({out, features}), db);
+  }
   const DType dt = w.dtype();
   const Tensor w_flat = flat_conv_weight(L, "w", geometry, w, dt, -1);
   const int64_t out = w_flat.size(0);
@@ -212,6 +242,7 @@ void vision_pos_embed_plan(const Tensor& grid_thw, int64_t grid_side, int64_t me
 }
 
 void vision_pos_embed_forward(const Tensor& table, const Tensor& idx, const Tensor& weight, const Tensor& y) {
+  if (on_cuda({&table, &idx, &weight, &y})) return cuda_layers().vision_pos_embed_forward(table, idx, weight, y);
   const char* L = "vision_pos_embed_forward";
   const DType dt = table.dtype();
   require(L, "table", table, dt, {-1, -1});
@@ -238,6 +269,7 @@ void vision_pos_embed_forward(const Tensor& table, const Tensor& idx, const Tens
 }
 
 void vision_pos_embed_backward(const Tensor& idx, const Tensor& weight, const Tensor& dy, const Tensor& dtable) {
+  if (on_cuda({&idx, &weight, &dy, &dtable})) return cuda_layers().vision_pos_embed_backward(idx, weight, dy, dtable);
   const char* L = "vision_pos_embed_backward";
   const DType dt = dy.dtype();
   require(L, "dy", dy, dt, {-1, -1});
@@ -276,7 +308,7 @@ size_t patch_merger_saved_bytes(const PatchMergerConfig& config, int64_t num_pat
   const MergerDims d = merger_dims("patch_merger_saved_bytes", config, num_patches);
   const size_t s = dtype_size(dtype);
   const size_t token_matrix = Arena::aligned(static_cast<size_t>(d.tokens * config.merged()) * s);
-  const size_t row_stat = Arena::aligned(static_cast<size_t>(d.norm_rows) * s);
+  const size_t row_stat = Arena::aligned(static_cast<size_t>(d.norm_rows) * dtype_size(stat_dtype(dtype)));
   return 2 * token_matrix + 2 * row_stat;
 }
 
@@ -293,12 +325,12 @@ PatchMergerSaved patch_merger_forward(const PatchMergerConfig& config, const Pat
   const MergerDims d = check_merger(L, config, w, x, local);
   const DType dt = x.dtype();
   const int64_t k = config.merged();
-  require(L, "y", y, dt, {d.tokens, config.out_hidden});
+  require_on(x.device(), L, "y", y, dt, {d.tokens, config.out_hidden});
 
   PatchMergerSaved saved;
   saved.normed = Tensor::empty(arena, {d.tokens, k}, dt);
-  saved.mean = Tensor::empty(arena, {d.norm_rows}, dt);
-  saved.rstd = Tensor::empty(arena, {d.norm_rows}, dt);
+  saved.mean = Tensor::empty(arena, {d.norm_rows}, stat_dtype(dt));
+  saved.rstd = Tensor::empty(arena, {d.norm_rows}, stat_dtype(dt));
   saved.fc1_out = Tensor::empty(arena, {d.tokens, local}, dt);
   if (config.use_postshuffle_norm)
     layernorm_forward(x.view({d.tokens, k}), w.norm_w, w.norm_b, config.eps, saved.normed, saved.mean, saved.rstd);
@@ -325,19 +357,22 @@ void patch_merger_backward(const PatchMergerConfig& config, const PatchMergerWei
   const MergerDims d = check_merger(L, config, w, x, local);
   const DType dt = x.dtype();
   const int64_t k = config.merged();
-  require_merger_weights(L, config, grads, dt, local, true);
-  require(L, "saved.normed", saved.normed, dt, {d.tokens, k});
-  require(L, "saved.mean", saved.mean, dt, {d.norm_rows});
-  require(L, "saved.rstd", saved.rstd, dt, {d.norm_rows});
-  require(L, "saved.fc1_out", saved.fc1_out, dt, {d.tokens, local});
-  require(L, "dy", dy, dt, {d.tokens, config.out_hidden});
-  if (dx.defined()) require(L, "dx", dx, dt, {d.patches, config.hidden});
+  const Device dev = x.device();
+  // Gradients in x's dtype, or f32 under bf16 on the device (fp32 accumulation across micro-batches).
+  const DType gdt = dt == DType::bf16 && grads.fc1_w.dtype() == DType::f32 ? DType::f32 : dt;
+  require_merger_weights(L, config, grads, dev, gdt, local, true);
+  require_on(dev, L, "saved.normed", saved.normed, dt, {d.tokens, k});
+  require_on(dev, L, "saved.mean", saved.mean, stat_dtype(dt), {d.norm_rows});
+  require_on(dev, L, "saved.rstd", saved.rstd, stat_dtype(dt), {d.norm_rows});
+  require_on(dev, L, "saved.fc1_out", saved.fc1_out, dt, {d.tokens, local});
+  require_on(dev, L, "dy", dy, dt, {d.tokens, config.out_hidden});
+  if (dx.defined()) require_on(dev, L, "dx", dx, dt, {d.patches, config.hidden});
 
   const size_t mark = scratch.mark();
   const Tensor d_normed = Tensor::empty(scratch, {d.tokens, k}, dt);
   const Tensor d_act = Tensor::empty(scratch, {d.tokens, local}, dt);
   // fc2's input, recomputed rather than saved, in d_normed's memory: fc1's backward reads it no more.
-  const Tensor act(d_normed.raw(), dt, {d.tokens, local});
+  const Tensor act(d_normed.raw(), dt, {d.tokens, local}, d_normed.device());
   gelu_forward(Gelu::erf, saved.fc1_out, act);
   linear_backward(act, w.fc2_w, dy, d_act, grads.fc2_w, grads.fc2_b);
   gelu_backward(Gelu::erf, saved.fc1_out, d_act, d_act);

@@ -1,5 +1,5 @@
-// AdamW step (torch's single-tensor operation order in fp32), the deterministic gradient sum of squares and
-// the clipping coefficient.
+// AdamW step (torch's single-tensor operation order in fp32; device tensors go to the CUDA backend), the
+// deterministic gradient sum of squares and the clipping coefficient.
 #include "core/optim/adamw.h"
 
 #include <algorithm>
@@ -10,6 +10,8 @@
 #include <immintrin.h>
 #endif
 
+#include "core/bf16.h"
+#include "core/kernels/cuda_layers.h"
 #include "core/layer_checks.h"
 
 namespace q3vl {
@@ -24,27 +26,31 @@ constexpr int64_t kSumBlock = 1 << 16;
 // Partial sums kept at once (on the stack) before they are added in block order.
 constexpr int64_t kSumGroup = 256;
 
-// require() against the shape `expected` of any rank: f32, contiguous, host memory.
-void require_f32(const std::string& name, const Tensor& t, const Shape& expected) {
+// require() against the shape `expected` of any rank: `dtype` (f32 unless said), contiguous, host memory.
+void require_f32(const std::string& name, const Tensor& t, const Shape& expected, DType dtype = DType::f32) {
   const auto& d = expected.dims;
   const char* n = name.c_str();
   switch (expected.ndim) {
-    case 0: return require(kLayer, n, t, DType::f32, {});
-    case 1: return require(kLayer, n, t, DType::f32, {d[0]});
-    case 2: return require(kLayer, n, t, DType::f32, {d[0], d[1]});
-    case 3: return require(kLayer, n, t, DType::f32, {d[0], d[1], d[2]});
-    case 4: return require(kLayer, n, t, DType::f32, {d[0], d[1], d[2], d[3]});
-    case 5: return require(kLayer, n, t, DType::f32, {d[0], d[1], d[2], d[3], d[4]});
-    default: return require(kLayer, n, t, DType::f32, {d[0], d[1], d[2], d[3], d[4], d[5]});
+    case 0: return require(kLayer, n, t, dtype, {});
+    case 1: return require(kLayer, n, t, dtype, {d[0]});
+    case 2: return require(kLayer, n, t, dtype, {d[0], d[1]});
+    case 3: return require(kLayer, n, t, dtype, {d[0], d[1], d[2]});
+    case 4: return require(kLayer, n, t, dtype, {d[0], d[1], d[2], d[3]});
+    case 5: return require(kLayer, n, t, dtype, {d[0], d[1], d[2], d[3], d[4]});
+    default: return require(kLayer, n, t, dtype, {d[0], d[1], d[2], d[3], d[4], d[5]});
   }
 }
 
-// The per-step scalars of one tensor, each rounded to float once from its double value as torch does when
-// a Python float meets an fp32 tensor.
-struct StepScalars {
-  float grad_scale, decay_factor, lerp_coeff, beta2, one_minus_beta2, bias_correction2_sqrt, eps, neg_step_size;
-  bool lerp_from_m;  // torch's lerp: m + w (g - m) when |w| < 0.5, else g - (1 - w) (g - m)
-};
+// The same checks on a tensor that must be in device memory (where the optimizer's moments are).
+void require_f32_device(const std::string& name, const Tensor& t, const Shape& expected, DType dtype = DType::f32) {
+  const char* n = name.c_str();
+  Q3VL_CHECK(t.defined(), kLayer, ": ", n, " is missing");
+  Q3VL_CHECK(t.device() == Device::cuda, kLayer, ": ", n, " ", t.str(),
+             " is in host memory, but the optimizer's moments are on the CUDA device");
+  require_dtype(kLayer, n, t, dtype);
+  Q3VL_CHECK(t.shape() == expected, kLayer, ": ", n, " has shape ", t.shape().str(), ", expected ", expected.str());
+  Q3VL_CHECK(t.is_contiguous(), kLayer, ": ", n, " ", t.str(), " is not contiguous");
+}
 
 // out = sqrt(in), correctly rounded like std::sqrt. std::sqrt may set errno, which keeps GCC from
 // vectorising a loop that calls it; the SIMD square roots are IEEE correctly rounded too, so every path
@@ -67,7 +73,7 @@ constexpr int64_t kChunk = 512;
 // product feeding a sum into one fma even across statements and C++ gives no portable way to forbid it;
 // those products are stored, and no contraction crosses memory. (2) The square roots get a pass of their
 // own (sqrt_into) and the other passes vectorise.
-void adamw_update_chunk(float* p, const float* grad, float* m, float* v, int64_t n, const StepScalars& s) {
+void adamw_update_chunk(float* p, const float* grad, float* m, float* v, int64_t n, const AdamWScalars& s) {
   float g[kChunk], root[kChunk];
   for (int64_t i = 0; i < n; ++i) {
     g[i] = grad[i] * s.grad_scale;
@@ -83,7 +89,7 @@ void adamw_update_chunk(float* p, const float* grad, float* m, float* v, int64_t
   for (int64_t i = 0; i < n; ++i) p[i] = p[i] + (s.neg_step_size * m[i]) / (root[i] / s.bias_correction2_sqrt + s.eps);
 }
 
-void adamw_update(float* p, const float* grad, float* m, float* v, int64_t n, const StepScalars& s) {
+void update_elements(float* p, const float* grad, float* m, float* v, int64_t n, const AdamWScalars& s) {
   const int64_t chunks = (n + kChunk - 1) / kChunk;
 #pragma omp parallel for schedule(static) if (n >= kParallelMin)
   for (int64_t c = 0; c < chunks; ++c) {
@@ -125,7 +131,46 @@ double tensor_sum_of_squares(const float* x, int64_t n) {
 
 }  // namespace
 
-AdamW::AdamW(std::vector<OptimTensor> tensors, const AdamWOptions& options)
+AdamWScalars adamw_scalars(const AdamWOptions& options, int64_t step, double lr, double grad_scale, bool decay) {
+  const double bias_correction1 = 1 - std::pow(options.beta1, double(step));
+  const double bias_correction2 = 1 - std::pow(options.beta2, double(step));
+  const float lerp_weight = float(1 - options.beta1);
+  AdamWScalars s{};
+  s.grad_scale = float(grad_scale);
+  s.lerp_from_m = std::fabs(lerp_weight) < 0.5f;
+  s.lerp_coeff = s.lerp_from_m ? lerp_weight : lerp_weight - 1.0f;
+  s.beta2 = float(options.beta2);
+  s.one_minus_beta2 = float(1 - options.beta2);
+  s.bias_correction2_sqrt = float(std::pow(bias_correction2, 0.5));
+  s.eps = float(options.eps);
+  // p * 1.0f is p exactly, so undecayed tensors share the loop.
+  s.decay_factor = decay ? float(1 - lr * options.weight_decay) : 1.0f;
+  s.neg_step_size = float(-(lr / bias_correction1));
+  return s;
+}
+
+void adamw_update(const AdamWTensorUpdate& u, const AdamWOptions& options, int64_t step) {
+  if (on_cuda({&u.param, &u.grad, &u.exp_avg, &u.exp_avg_sq, &u.param_bf16}))
+    return cuda_layers().adamw_update(u, options, step);
+  Q3VL_CHECK(step >= 1, kLayer, ": step ", step, " must be at least 1");
+  const Shape& shape = u.param.shape();
+  require_f32("param", u.param, shape);
+  require_f32("grad", u.grad, shape);
+  require_f32("exp_avg", u.exp_avg, shape);
+  require_f32("exp_avg_sq", u.exp_avg_sq, shape);
+  if (u.param_bf16.defined()) require_f32("param_bf16", u.param_bf16, shape, DType::bf16);
+  float* p = u.param.data<float>();
+  const int64_t n = u.param.numel();
+  update_elements(p, u.grad.data<float>(), u.exp_avg.data<float>(), u.exp_avg_sq.data<float>(), n,
+                  adamw_scalars(options, step, u.lr, u.grad_scale, u.decay));
+  if (u.param_bf16.defined()) {
+    auto* out = static_cast<uint16_t*>(u.param_bf16.raw());
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+    for (int64_t i = 0; i < n; ++i) out[i] = f32_to_bf16(p[i]);
+  }
+}
+
+AdamW::AdamW(std::vector<OptimTensor> tensors, const AdamWOptions& options, Device device)
     : options_(options), tensors_(std::move(tensors)) {
   Q3VL_CHECK(options_.beta1 >= 0 && options_.beta1 < 1, kLayer, ": beta1 ", options_.beta1, " is not in [0, 1)");
   Q3VL_CHECK(options_.beta2 >= 0 && options_.beta2 < 1, kLayer, ": beta2 ", options_.beta2, " is not in [0, 1)");
@@ -135,13 +180,15 @@ AdamW::AdamW(std::vector<OptimTensor> tensors, const AdamWOptions& options)
   size_t bytes = 0;
   for (const OptimTensor& t : tensors_) {
     const std::string who = "tensor '" + t.name + "'";
-    require_f32(who + " param", t.param, t.param.shape());
-    if (!t.frozen || t.grad.defined()) require_f32(who + " grad", t.grad, t.param.shape());
+    const auto check = device == Device::cuda ? require_f32_device : require_f32;
+    check(who + " param", t.param, t.param.shape(), DType::f32);
+    if (!t.frozen || t.grad.defined()) check(who + " grad", t.grad, t.param.shape(), DType::f32);
+    if (t.param_bf16.defined()) check(who + " param_bf16", t.param_bf16, t.param.shape(), DType::bf16);
     Q3VL_CHECK(t.lr_scale >= 0 && std::isfinite(t.lr_scale), kLayer, ": ", who, " has lr_scale ", t.lr_scale,
                ", expected a finite value >= 0");
     bytes += state_bytes(t.param.numel());
   }
-  arena_ = std::make_unique<Arena>("AdamW moments", bytes);
+  arena_ = std::make_unique<Arena>("AdamW moments", bytes, device);
   exp_avg_.reserve(tensors_.size());
   exp_avg_sq_.reserve(tensors_.size());
   for (const OptimTensor& t : tensors_) {
@@ -155,26 +202,14 @@ void AdamW::step(double lr, double grad_scale) {
   Q3VL_CHECK(grad_scale >= 0 && std::isfinite(grad_scale), kLayer, ": grad_scale ", grad_scale,
              " is negative or not finite");
   const int64_t t = steps_ + 1;
-  const double bias_correction1 = 1 - std::pow(options_.beta1, double(t));
-  const double bias_correction2 = 1 - std::pow(options_.beta2, double(t));
-  const float lerp_weight = float(1 - options_.beta1);
-  StepScalars s{};
-  s.grad_scale = float(grad_scale);
-  s.lerp_from_m = std::fabs(lerp_weight) < 0.5f;
-  s.lerp_coeff = s.lerp_from_m ? lerp_weight : lerp_weight - 1.0f;
-  s.beta2 = float(options_.beta2);
-  s.one_minus_beta2 = float(1 - options_.beta2);
-  s.bias_correction2_sqrt = float(std::pow(bias_correction2, 0.5));
-  s.eps = float(options_.eps);
   for (size_t i = 0; i < tensors_.size(); ++i) {
     const OptimTensor& ot = tensors_[i];
     if (ot.frozen) continue;
-    const double lr_t = lr * ot.lr_scale;
-    // p * 1.0f is p exactly, so undecayed tensors share the loop.
-    s.decay_factor = ot.decay ? float(1 - lr_t * options_.weight_decay) : 1.0f;
-    s.neg_step_size = float(-(lr_t / bias_correction1));
-    adamw_update(ot.param.data<float>(), ot.grad.data<float>(), exp_avg_[i].data<float>(),
-                 exp_avg_sq_[i].data<float>(), ot.param.numel(), s);
+    AdamWTensorUpdate u{ot.param, ot.grad, exp_avg_[i], exp_avg_sq_[i], ot.param_bf16};
+    u.decay = ot.decay;
+    u.lr = lr * ot.lr_scale;
+    u.grad_scale = grad_scale;
+    adamw_update(u, options_, t);
   }
   steps_ = t;
 }

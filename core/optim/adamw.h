@@ -15,6 +15,10 @@
 // formed in double and rounded to float once, p is decayed first, m uses torch's lerp
 // (m + (1-beta1)(g-m) as one fma), v = fma((1-beta2) g, g, beta2 v), then
 // p += (-lr_t / (1 - beta1^t)) m / (sqrt(v) / (1 - beta2^t)^0.5 + eps).
+//
+// The moments live where the parameters do: AdamW takes the device of its moments' arena, and each tensor's
+// update (adamw_update) runs on the CPU or, for device tensors, on the CUDA backend with the same operations
+// in the same order (so the two agree bit for bit: sqrt and division are correctly rounded on both).
 #pragma once
 
 #include <cstdint>
@@ -31,6 +35,23 @@ struct AdamWOptions {
   double beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1;
 };
 
+struct AdamWTensorUpdate;  // core/kernels/cuda_layers.h
+
+// The fp32 scalars of one tensor's update at step `step`, each formed in double and rounded to float once
+// (as torch does when a Python float meets an fp32 tensor); shared by the CPU and CUDA updates so both use
+// the same bits.
+struct AdamWScalars {
+  float grad_scale, decay_factor, lerp_coeff, beta2, one_minus_beta2, bias_correction2_sqrt, eps, neg_step_size;
+  bool lerp_from_m;  // torch's lerp: m + w (g - m) when |w| < 0.5, else g - (1 - w) (g - m)
+};
+// lr: the tensor's learning rate lr_t (base lr * lr_scale).
+AdamWScalars adamw_scalars(const AdamWOptions& options, int64_t step, double lr, double grad_scale, bool decay);
+
+// One update of one tensor at step `step` (1-based): param, exp_avg, exp_avg_sq updated in place and
+// param_bf16 (when defined) set to the new parameter rounded to bf16; on the CUDA backend when any of the
+// tensors is in device memory (then all must be), else on the CPU.
+void adamw_update(const AdamWTensorUpdate& update, const AdamWOptions& options, int64_t step);
+
 struct OptimTensor {
   std::string name;  // the parameter's key (HF checkpoint key), used for checkpoint state names
   Tensor param;      // f32, contiguous
@@ -38,12 +59,14 @@ struct OptimTensor {
   bool decay = true;
   double lr_scale = 1.0;
   bool frozen = false;
+  Tensor param_bf16{};  // optional bf16 compute copy of param (same shape and device), rewritten by each update
 };
 
 class AdamW {
  public:
-  // Allocates zeroed exp_avg / exp_avg_sq for every tensor (frozen ones too, so checkpoints have one layout).
-  AdamW(std::vector<OptimTensor> tensors, const AdamWOptions& options);
+  // Allocates zeroed exp_avg / exp_avg_sq for every tensor (frozen ones too, so checkpoints have one layout)
+  // in an arena on `device`, where every tensor's param and grad must be too.
+  AdamW(std::vector<OptimTensor> tensors, const AdamWOptions& options, Device device = Device::cpu);
 
   // One update of every non-frozen tensor with base learning rate `lr`; increments steps().
   void step(double lr, double grad_scale = 1.0);
