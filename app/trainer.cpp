@@ -744,6 +744,7 @@ StepRecord Trainer::Impl::train_step() {
     for (size_t l = 0; l < load.size(); ++l) {
       const int64_t* c = load[l].counts.data<int64_t>();
       for (size_t e = 0; e < expert_counts[l].size(); ++e) expert_counts[l][e] += c[e];
+      rec.router_margin = std::min(rec.router_margin, load[l].min_margin);
     }
     BackwardOptions bo;
     bo.ce_normalizer = normalizer;
@@ -755,6 +756,9 @@ StepRecord Trainer::Impl::train_step() {
     grid->data().all_reduce_sum(std::span<double>(sums, 2));
     rec.ce_loss = sums[0];
     finite = sums[1] == 0.0;
+    double negated_margin = -rec.router_margin;  // the minimum over ranks as a maximum
+    grid->data().all_reduce_max(std::span<double>(&negated_margin, 1));
+    rec.router_margin = -negated_margin;
   }
   beat("step " + std::to_string(step + 1) + ": gradient all-reduce");
   reduce_gradients();
@@ -806,6 +810,7 @@ void Trainer::Impl::log_step(const StepRecord& r, int64_t step_flops) {
          {"tokens", r.tokens}, {"target_tokens", r.target_tokens}, {"tokens_per_s", tok_s}, {"gflops", gflops},
          {"mfu", mfu},         {"step_s", r.seconds},  {"rss_bytes", mem.rss}, {"peak_rss_bytes", mem.peak},
          {"skipped", r.skipped}, {"tokens_seen", tokens_seen}};
+  if (std::isfinite(r.router_margin)) j["router_margin"] = r.router_margin;
   emit(j);
   if (r.step % cfg.logging.every != 0 && r.step != cfg.train.steps) return;
   char line[512];

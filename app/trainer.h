@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <functional>
 #include <iosfwd>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -47,6 +48,9 @@ struct StepRecord {
   int64_t tokens = 0, target_tokens = 0;
   double seconds = 0;
   bool skipped = false;
+  // The smallest routing margin of the step (MoeStats::min_margin over its micro-batches, MoE layers and data
+  // ranks); infinity without MoE layers.
+  double router_margin = std::numeric_limits<double>::infinity();
 };
 
 struct TrainOutcome {

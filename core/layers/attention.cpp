@@ -203,6 +203,10 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
   });
 }
 
+size_t attention_backward_device_scratch_bytes(int64_t tokens, int64_t q_heads) {
+  return Arena::aligned(static_cast<size_t>(tokens * q_heads) * sizeof(float));
+}
+
 size_t attention_backward_scratch_bytes(DType dtype) {
   const size_t per_thread = dispatch_float("attention_backward_scratch_bytes", dtype, [](auto tag) {
     using T = decltype(tag);

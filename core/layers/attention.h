@@ -29,5 +29,8 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
 // Bytes attention_backward takes from its scratch arena (per-thread tiles for omp_get_max_threads()
 // threads), for sizing arenas up front.
 size_t attention_backward_scratch_bytes(DType dtype);
+// Bytes attention_backward takes from a device scratch arena for N tokens and Hq query heads (the f32
+// rowsum(dout * out) of every query row, core/kernels/cuda/attention.cu), alignment included.
+size_t attention_backward_device_scratch_bytes(int64_t tokens, int64_t q_heads);
 
 }  // namespace q3vl

@@ -1,15 +1,19 @@
 // MoE forward/backward on the CPU GEMM: router + softmax + top-k, a stable counting sort of the (token, slot)
 // pairs by expert, one grouped GEMM per expert and projection (experts run in parallel, each GEMM on one
 // thread), fused SwiGLU loops, and a per-token combine in slot order. With expert parallelism the expert GEMMs
-// run on the experts' owners instead (moe_expert_parallel.cpp). Also the pooled aux loss.
+// run on the experts' owners instead (moe_expert_parallel.cpp). Device tensors go to the CUDA backend
+// (core/kernels/cuda/moe.cu). Also the pooled aux loss.
 #include "core/layers/moe.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 
 #include "core/kernels/cpu/gemm.h"
+#include "core/kernels/cuda_layers.h"
 #include "core/layer_checks.h"
 #include "core/layers/moe_expert_parallel.h"
 
@@ -35,6 +39,24 @@ size_t forward_scratch_bytes(const MoeConfig& c, int64_t n, size_t f, bool exper
   const int64_t pairs = n * c.top_k;
   if (expert_parallel) return bytes_of(pairs * c.hidden, f);
   return bytes_of(pairs * c.hidden, f) + bytes_of(pairs * c.expert_ffn, f);
+}
+
+// The CUDA path's sizes, in the order core/kernels/cuda/moe.cu carves them: probabilities, routing weights
+// and d routing weights in f32 (f = the activation dtype's size for the rest); the forward's scratch adds each
+// token's routing margin (f64 [N]) and an i64 [E + 5] buffer through which the per-expert offsets, the
+// valid-token count, the mask check and the minimum margin come back to the host in one read.
+size_t device_forward_bytes(const MoeConfig& c, int64_t n, size_t f) {
+  const int64_t pairs = n * c.top_k;
+  const size_t saved = bytes_of(n * c.num_experts, 4) + bytes_of(pairs, 8) + bytes_of(pairs, 4) +
+                       bytes_of(c.num_experts + 1, 8) + bytes_of(pairs, 8) + bytes_of(pairs, 8) +
+                       bytes_of(pairs * 2 * c.expert_ffn, f);
+  return saved + bytes_of(pairs * c.hidden, f) + bytes_of(pairs * c.expert_ffn, f) + bytes_of(n, 8) +
+         bytes_of(c.num_experts + 5, 8);
+}
+size_t device_backward_bytes(const MoeConfig& c, int64_t n, size_t f) {
+  const int64_t pairs = n * c.top_k;
+  return bytes_of(pairs * c.hidden, f) + bytes_of(pairs * c.expert_ffn, f) + bytes_of(pairs * 2 * c.expert_ffn, f) +
+         bytes_of(pairs, 4) + bytes_of(n * c.num_experts, f);
 }
 
 // The valid mask as a predicate; no mask means every token is real.
@@ -169,11 +191,20 @@ void forward_impl(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, Va
   std::memset(counts, 0, sizeof(int64_t) * E);
   std::memset(prob_sum, 0, sizeof(double) * E);
   stats.valid_tokens = 0;
+  stats.min_margin = std::numeric_limits<double>::infinity();
   for (int64_t t = 0; t < n; ++t) {
     if (!valid(t)) continue;
     ++stats.valid_tokens;
-    for (int64_t s = 0; s < K; ++s) ++counts[topk_expert[t * K + s]];
+    const int64_t* chosen = topk_expert + t * K;
+    for (int64_t s = 0; s < K; ++s) ++counts[chosen[s]];
     for (int64_t e = 0; e < E; ++e) prob_sum[e] += probs[t * E + e];
+    // The best expert left out: probs of the chosen ones are at least its probability, so skip them by index.
+    double left_out = -1;
+    for (int64_t e = 0; e < E; ++e) {
+      if (std::find(chosen, chosen + K, e) == chosen + K) left_out = std::max(left_out, double(probs[t * E + e]));
+    }
+    if (left_out >= 0)
+      stats.min_margin = std::min(stats.min_margin, std::log(double(probs[t * E + chosen[K - 1]]) / left_out));
   }
 
   // Stable counting sort of pairs by expert: offsets[e + 1] counts, prefix sums, then offsets[e] serves as
@@ -306,13 +337,23 @@ void backward_impl(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, V
 
 }  // namespace
 
-size_t moe_forward_arena_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype, bool expert_parallel) {
+size_t moe_forward_arena_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype, bool expert_parallel,
+                               Device device) {
   const size_t f = dtype_size(dtype);
+  if (device == Device::cuda) {
+    Q3VL_CHECK(!expert_parallel, "moe_forward_arena_bytes: expert parallelism has no CUDA path");
+    return device_forward_bytes(cfg, tokens, f);
+  }
   return saved_bytes(cfg, tokens, f, expert_parallel) + forward_scratch_bytes(cfg, tokens, f, expert_parallel);
 }
 
-size_t moe_backward_scratch_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype, bool expert_parallel) {
+size_t moe_backward_scratch_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype, bool expert_parallel,
+                                  Device device) {
   const size_t f = dtype_size(dtype);
+  if (device == Device::cuda) {
+    Q3VL_CHECK(!expert_parallel, "moe_backward_scratch_bytes: expert parallelism has no CUDA path");
+    return device_backward_bytes(cfg, tokens, f);
+  }
   const int64_t pairs = tokens * cfg.top_k;
   if (expert_parallel)
     return bytes_of(pairs * (cfg.hidden + 1), f) + bytes_of(pairs, f) + bytes_of(tokens * cfg.num_experts, f);
@@ -322,6 +363,8 @@ size_t moe_backward_scratch_bytes(const MoeConfig& cfg, int64_t tokens, DType dt
 
 void moe_forward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, const Tensor& valid,
                  Arena& saved_arena, MoeSaved& saved, const Tensor& y, MoeStats& stats) {
+  if (on_cuda({&x, &w.router, &w.gate_up, &w.down, &valid, &y, &stats.counts, &stats.prob_sum}))
+    return cuda_layers().moe_forward(cfg, w, x, valid, saved_arena, saved, y, stats);
   const char* L = "moe_forward";
   check_config(L, cfg);
   const DType dt = w.router.dtype();
@@ -342,6 +385,9 @@ void moe_forward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, con
 void moe_backward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, const Tensor& valid,
                   const MoeSaved& saved, const Tensor& dy, const Tensor& aux_dprob, const Tensor& dx,
                   const MoeGrads& grads, Arena& scratch) {
+  if (on_cuda({&x, &w.router, &w.gate_up, &w.down, &valid, &saved.probs, &dy, &aux_dprob, &dx, &grads.router,
+               &grads.gate_up, &grads.down}))
+    return cuda_layers().moe_backward(cfg, w, x, valid, saved, dy, aux_dprob, dx, grads, scratch);
   const char* L = "moe_backward";
   check_config(L, cfg);
   const DType dt = w.router.dtype();

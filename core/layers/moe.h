@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <vector>
 
@@ -87,14 +88,23 @@ struct MoeStats {
   Tensor counts;    // i64 [E] (valid token, slot) pairs routed to e (caller-provided)
   Tensor prob_sum;  // f64 [E] sum over valid tokens of probs[:, e] (caller-provided)
   int64_t valid_tokens = 0;
+  // Routing margin: the smallest log(p_k / p_{k+1}) over valid tokens, the router-logit gap between the last
+  // chosen expert and the best one left out (infinity when there is none: no valid token, or k == E). Below
+  // the fp32 noise of the logits a token's expert set can differ between runs that differ only in summation
+  // order (another layout, another CPU), which changes that expert's gradient far beyond summation noise.
+  double min_margin = std::numeric_limits<double>::infinity();
 };
 
 // Bytes moe_forward takes from its saved arena for N tokens: the MoeSaved tensors (kept) plus the forward's
 // scratch (released before it returns), alignment included.
 // expert_parallel: sized for the expert-parallel path (cfg.exchange set), which keeps no expert outputs here.
-size_t moe_forward_arena_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype, bool expert_parallel = false);
+// device: where the layer runs; the CUDA path (core/kernels/cuda/moe.cu, no expert parallelism) keeps the
+// router probabilities and routing weights in f32 whatever the activation dtype (f32 or bf16).
+size_t moe_forward_arena_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype, bool expert_parallel = false,
+                               Device device = Device::cpu);
 // Bytes moe_backward takes (and releases) from its scratch arena for N tokens.
-size_t moe_backward_scratch_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype, bool expert_parallel = false);
+size_t moe_backward_scratch_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype, bool expert_parallel = false,
+                                  Device device = Device::cpu);
 
 // x [N, H]; valid: u8 or i64 [N] of 0/1 (1 = real token), or undefined for all valid; y [N, H] written.
 // Padding tokens are routed and computed like the others (as in HF) but left out of `stats`.

@@ -161,6 +161,35 @@ TEST(Moe, EqualProbabilitiesPickLowerExpertsFirst) {
     }
 }
 
+// stats.min_margin is the smallest log(p_k / p_{k+1}) over real tokens: a padding token at an exact tie (x = 0:
+// every logit 0) is left out, and with k = E there is no expert left out, so no margin.
+TEST(Moe, StatsReportTheSmallestRoutingMarginOfRealTokens) {
+  const int64_t n = 6, H = 4;
+  for (const int64_t K : {2, 5}) {
+    const MoeConfig cfg{H, 5, K, 3};
+    MoeLayer l = make_layer(cfg, 30);
+    Tensor x = random_tensor({n, H}, 31), y = zeros_tensor({n, H});
+    for (int64_t j = 0; j < H; ++j) x.data<double>()[2 * H + j] = 0;
+    MoeStats stats = make_stats(5);
+    MoeSaved saved;
+    Arena arena("moe saved", moe_forward_arena_bytes(cfg, n, DType::f64));
+    moe_forward(cfg, l.weights(), x, make_mask(n, {2}, DType::u8), arena, saved, y, stats);
+    if (K == 5) {
+      EXPECT_EQ(stats.min_margin, std::numeric_limits<double>::infinity());
+      continue;
+    }
+    double expect = std::numeric_limits<double>::infinity();
+    for (int64_t t = 0; t < n; ++t) {
+      if (t == 2) continue;
+      std::vector<double> p(saved.probs.data<double>() + t * 5, saved.probs.data<double>() + (t + 1) * 5);
+      std::sort(p.begin(), p.end(), std::greater<>());
+      expect = std::min(expect, std::log(p[K - 1] / p[K]));
+    }
+    EXPECT_GT(expect, 0);
+    EXPECT_NEAR(stats.min_margin, expect, 1e-15);  // the same quotient and log; 1e-15 allows another rounding
+  }
+}
+
 class MoeReference : public testing::TestWithParam<std::tuple<int, int>> {};
 
 // Sparse mixture against the naive per-token reference; with k = E the reference is the dense

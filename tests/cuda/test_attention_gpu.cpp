@@ -58,9 +58,10 @@ void check_attention(const AttentionCase& c, DType dt) {
   const Tensor dqd = poisoned({n, c.hq, c.d}, dt), dkd = poisoned({n, c.hkv, c.d}, dt);
   const Tensor dvd = poisoned({n, c.hkv, c.d}, dt);
   const Tensor doutd = to_device(dout, dt);
-  const size_t before = device_arena().used();
-  attention_backward(qd, kd, vd, outd, lsed, doutd, cud, c.causal, scale, dqd, dkd, dvd, device_arena());
-  EXPECT_EQ(device_arena().used(), before) << "scratch released";
+  // A scratch arena of exactly the size the planner is told: the backward must fit and release it.
+  Arena scratch("attention-scratch", attention_backward_device_scratch_bytes(n, c.hq), Device::cuda);
+  attention_backward(qd, kd, vd, outd, lsed, doutd, cud, c.causal, scale, dqd, dkd, dvd, scratch);
+  EXPECT_EQ(scratch.used(), 0u) << "scratch released";
   // dq and dk are sums of P (dP - rowsum(P dP)) k (or q) that cancel, exactly to 0 for a one-token document:
   // their terms are bounded by scale |dout| |v| |k| (or |q|) per row.
   const double dp = scale * norm(dout) * max_row_norm(v);

@@ -8,12 +8,19 @@
 // whole parameter vector agrees to ~1e-8. Prints the worst differences; exit 1 when a bound is exceeded or the
 // runs do not line up.
 //
+// --min-router-margin M (after --rtol X): also every step record of both runs must report a routing margin
+// (router_margin: the smallest router-logit gap between a token's last chosen expert and the best one left out)
+// of at least M. Runs that differ only in fp32 summation order agree within X only if every token chose the same
+// experts in both; a token nearer a tie than the logits' summation noise may flip, which moves its whole
+// contribution to another expert's gradient. The margin check tells such a near-tie apart from a real mismatch.
+//
 // q3vl_compare_runs RUN RUN --export-of-b: RUN's HF export (RUN/hf, f32) must hold exactly the parameters of
 // RUN's newest checkpoint (a sharded run gathers its export unit by unit).
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -33,16 +40,41 @@ namespace fs = std::filesystem;
 using q3vl::Tensor;
 using Field = q3vl::io::CheckpointReader::Field;
 
-std::map<int64_t, double> step_losses(const std::string& run) {
+// The step records of a run's metrics.jsonl by step.
+std::map<int64_t, nlohmann::json> step_records(const std::string& run) {
   std::ifstream in(run + "/metrics.jsonl");
   Q3VL_CHECK(in.good(), "compare_runs: cannot read ", run, "/metrics.jsonl");
-  std::map<int64_t, double> losses;
+  std::map<int64_t, nlohmann::json> steps;
   std::string line;
   while (std::getline(in, line)) {
     const nlohmann::json j = nlohmann::json::parse(line);
-    if (j.at("event") == "step") losses[j.at("step").get<int64_t>()] = j.at("loss").get<double>();
+    if (j.at("event") == "step") steps[j.at("step").get<int64_t>()] = j;
   }
-  return losses;
+  return steps;
+}
+
+// The smallest routing margin over every step record of both runs; false when it is below `bound`.
+bool check_router_margin(const std::string& a, const std::string& b, double bound) {
+  double smallest = std::numeric_limits<double>::infinity();
+  std::string where;
+  for (const std::string& run : {a, b}) {
+    for (const auto& [step, j] : step_records(run)) {
+      Q3VL_CHECK(j.contains("router_margin"), "compare_runs: step ", step, " of ", run,
+                 " has no router_margin (not an MoE run, or written before the margin was logged)");
+      const double m = j.at("router_margin").get<double>();
+      if (m < smallest) {
+        smallest = m;
+        where = "step " + std::to_string(step) + " of " + run;
+      }
+    }
+  }
+  std::printf("routing margin: smallest top-k router-logit gap %.3g at %s (bound %.3g)\n", smallest, where.c_str(),
+              bound);
+  if (smallest >= bound) return true;
+  std::printf("a token is within %.3g of a routing tie: runs differing in summation order may route it to other "
+              "experts, so their parameters cannot be compared within the bound (choose other data or init_seed)\n",
+              smallest);
+  return false;
 }
 
 // The model config a checkpoint folder was written with (sharded: config.json; whole-tensor: model/config.json).
@@ -84,19 +116,22 @@ int export_check(const std::string& run) {
 int main(int argc, char** argv) {
   try {
     if (argc == 4 && std::string(argv[3]) == "--export-of-b") return export_check(argv[2]);
-    Q3VL_CHECK(argc == 5 && std::string(argv[3]) == "--rtol",
-               "usage: q3vl_compare_runs RUN_A RUN_B --rtol X | q3vl_compare_runs RUN RUN --export-of-b");
+    const bool with_margin = argc == 7 && std::string(argv[5]) == "--min-router-margin";
+    Q3VL_CHECK((argc == 5 || with_margin) && std::string(argv[3]) == "--rtol",
+               "usage: q3vl_compare_runs RUN_A RUN_B --rtol X [--min-router-margin M] | q3vl_compare_runs RUN RUN "
+               "--export-of-b");
     const std::string a = argv[1], b = argv[2];
     const double rtol = std::stod(argv[4]);
-    bool ok = true;
+    bool ok = !with_margin || check_router_margin(a, b, std::stod(argv[6]));
 
     // B's steps (all of them: a resumed run logs only the steps it ran) must be steps of A.
-    const std::map<int64_t, double> la = step_losses(a), lb = step_losses(b);
+    const std::map<int64_t, nlohmann::json> la = step_records(a), lb = step_records(b);
     Q3VL_CHECK(!lb.empty(), "compare_runs: ", b, " logged no steps");
     double worst_loss = 0;
-    for (const auto& [step, loss] : lb) {
+    for (const auto& [step, record] : lb) {
       Q3VL_CHECK(la.count(step) == 1, "compare_runs: step ", step, " of ", b, " is not in ", a);
-      worst_loss = std::max(worst_loss, std::abs(la.at(step) - loss) / std::abs(la.at(step)));
+      const double want = la.at(step).at("loss").get<double>(), got = record.at("loss").get<double>();
+      worst_loss = std::max(worst_loss, std::abs(want - got) / std::abs(want));
     }
     std::printf("losses of steps %lld..%lld: worst relative difference %.3g (bound %.3g)\n",
                 static_cast<long long>(lb.begin()->first), static_cast<long long>(lb.rbegin()->first), worst_loss, rtol);

@@ -71,7 +71,7 @@ void BM_AttentionFwdBwd(benchmark::State& state) {
   Tensor dq = Tensor::empty(device_arena(), {n, hq, d}, kBf16), dk = Tensor::empty(device_arena(), {n, hkv, d}, kBf16);
   Tensor dv = Tensor::empty(device_arena(), {n, hkv, d}, kBf16);
   Tensor cu = cu_seqlens(n, docs);
-  Arena scratch("bench-attention-scratch", size_t{1} << 30, Device::cuda);
+  Arena scratch("bench-attention-scratch", attention_backward_device_scratch_bytes(n, hq), Device::cuda);
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   run_timed(state, [&] {
     attention_forward(q, k, v, cu, causal, scale, out, lse);
