@@ -17,8 +17,6 @@
 
 namespace q3vl::io {
 
-Image::Image(int64_t h, int64_t w) : height(h), width(w), pixels(static_cast<size_t>(h * w * 3), 0) {}
-
 namespace {
 
 // A decoded file before RGB conversion: RGBA8 pixels plus whether the alpha channel carries information

@@ -6,6 +6,9 @@
 // grayscale replicated, CMYK/YCCK converted like PIL), PNG (libpng: palette, grayscale, tRNS, alpha, 16-bit
 // reduced to the high byte, interlaced; orientation from an eXIf chunk) and WebP (libwebp). The format is
 // detected from the leading bytes, not from the file name. Every error names the file.
+//
+// The Image type itself is header-only: the loader (q3vl_io, patchify.h) fills Images from shards, while the
+// decoders below live in q3vl_io_media (io/CMakeLists.txt), which the training binary does not link.
 #pragma once
 
 #include <cstdint>
@@ -22,7 +25,7 @@ struct Image {
   std::vector<uint8_t> pixels;
 
   Image() = default;
-  Image(int64_t h, int64_t w);  // zero-filled
+  Image(int64_t h, int64_t w) : height(h), width(w), pixels(static_cast<size_t>(h * w * 3), 0) {}  // zero-filled
   uint8_t* row(int64_t y) { return pixels.data() + y * width * 3; }
   const uint8_t* row(int64_t y) const { return pixels.data() + y * width * 3; }
 };
