@@ -1,4 +1,4 @@
-// The CUDA backend's context: device, stream, cuBLASLt handle and workspace, made once per process.
+// The CUDA backend's context: device, stream, cuBLASLt handle and workspace, reduction scratch, made once per process.
 #include "core/kernels/cuda/context.h"
 
 #include "core/kernels/cuda/cuda_check.h"
@@ -8,6 +8,8 @@ namespace q3vl::cuda {
 namespace {
 // cuBLASLt asks for at most 32 MiB of workspace on Hopper for its fastest kernels.
 constexpr size_t kWorkspaceBytes = size_t{32} << 20;
+// Room for 1024 partial rows of 2048 f32 column sums (the norms' weight gradients).
+constexpr size_t kReductionWorkspaceBytes = size_t{8} << 20;
 
 Context make_context() {
   Context c;
@@ -17,6 +19,8 @@ Context make_context() {
   Q3VL_CUBLAS_CHECK(cublasLtCreate(&c.lt));
   c.workspace_bytes = kWorkspaceBytes;
   Q3VL_CUDA_CHECK(cudaMalloc(&c.workspace, c.workspace_bytes));
+  c.reduction_workspace_bytes = kReductionWorkspaceBytes;
+  Q3VL_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&c.reduction_workspace), c.reduction_workspace_bytes));
   return c;
 }
 }  // namespace

@@ -1,5 +1,5 @@
 // The CUDA backend's per-process context: the current device, the stream every layer queues its work on, the
-// cuBLASLt handle and its workspace. Created on first use (after which nothing is allocated here), so a
+// cuBLASLt handle and its workspace, and the reductions' scratch. Created on first use (after which nothing is allocated here), so a
 // CPU-only run never touches the driver.
 #pragma once
 
@@ -17,6 +17,10 @@ struct Context {
   void* workspace = nullptr;  // cuBLASLt workspace
   size_t workspace_bytes = 0;
   int multiprocessors = 0;
+  // Scratch of the two-level deterministic reductions (per-block partial sums, then a fixed-order sum of the
+  // partials): fixed size, made with the context, so no layer allocates; users size their grids to fit it.
+  float* reduction_workspace = nullptr;
+  size_t reduction_workspace_bytes = 0;
 };
 
 Context& context();

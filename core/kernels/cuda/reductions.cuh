@@ -1,9 +1,11 @@
 // Deterministic reductions shared by the norm, embedding and position-embedding kernels: a block-wide sum, the
-// column sums of parameter gradients, and the keyed row sums of the gather layers' backward. Every sum has a
+// column sums of parameter gradients, and the keyed row sums of the gather layers' backward; and the 16-byte
+// vector loads and stores of the bandwidth-bound kernels. Every sum has a
 // fixed order (no floating-point atomics), so results are bitwise repeatable run to run.
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 
 #include "core/kernels/cuda/context.h"
 #include "core/kernels/cuda/cuda_check.h"
@@ -12,6 +14,75 @@
 namespace q3vl::cuda {
 
 constexpr int kWarps = kThreads / 32;
+
+// Elements of T in one 16-byte access (8 bf16, 4 f32).
+template <class T>
+constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+
+// True when every pointer is 16-byte aligned (so vectors of kVec elements at multiples of kVec are too).
+inline bool aligned16(std::initializer_list<const void*> ptrs) {
+  for (const void* p : ptrs)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+
+// f[0..V) = p[0..V) as float: 16-byte loads when V elements fill whole 16-byte words (p then 16-byte aligned),
+// else scalar loads.
+template <int V, class T>
+__device__ __forceinline__ void load_floats(const T* p, float (&f)[V]) {
+  if constexpr ((V * sizeof(T)) % 16 == 0) {
+    constexpr int per = 16 / sizeof(T);
+#pragma unroll
+    for (int q = 0; q < V / per; ++q) {
+      const uint4 u = reinterpret_cast<const uint4*>(p)[q];
+      const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+      for (int k = 0; k < per; ++k) f[q * per + k] = to_float(e[k]);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) f[k] = to_float(p[k]);
+  }
+}
+
+// p[0..V) = f[0..V) rounded to T, with the same access widths as load_floats.
+template <int V, class T>
+__device__ __forceinline__ void store_floats(T* p, const float (&f)[V]) {
+  if constexpr ((V * sizeof(T)) % 16 == 0) {
+    constexpr int per = 16 / sizeof(T);
+#pragma unroll
+    for (int q = 0; q < V / per; ++q) {
+      alignas(16) T e[per];
+#pragma unroll
+      for (int k = 0; k < per; ++k) e[k] = from_float<T>(f[q * per + k]);
+      reinterpret_cast<uint4*>(p)[q] = *reinterpret_cast<const uint4*>(e);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) p[k] = from_float<T>(f[k]);
+  }
+}
+
+// Sums of the N values v over a block of any multiple of 32 threads (at most 1024), returned to every thread:
+// a butterfly within each warp, then the warp totals in warp order. Every thread must reach the call; `shared`
+// holds N x 32 floats and may be reused by the next call.
+template <int N>
+__device__ inline void block_sums(float (&v)[N], float (*shared)[32]) {
+#pragma unroll
+  for (int q = 0; q < N; ++q)
+    for (int o = 16; o > 0; o >>= 1) v[q] += __shfl_xor_sync(0xffffffffu, v[q], o);
+  __syncthreads();  // the previous call's readers are done with `shared`
+  if (threadIdx.x % 32 == 0)
+    for (int q = 0; q < N; ++q) shared[q][threadIdx.x / 32] = v[q];
+  __syncthreads();
+  const int warps = blockDim.x / 32;
+#pragma unroll
+  for (int q = 0; q < N; ++q) {
+    float s = 0.0f;
+    for (int w = 0; w < warps; ++w) s += shared[q][w];
+    v[q] = s;
+  }
+}
 
 // Sum of v over a block of kThreads threads, returned to every thread: a butterfly within each warp (every lane
 // gets the same bits, float addition being commutative), then the warp totals in warp order. Every thread

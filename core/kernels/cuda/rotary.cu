@@ -1,5 +1,5 @@
-// Rotary (rotate_half) forward and backward on the device: one thread per (row, head, pair (j, j + D/2)),
-// reading the pair before writing it, so y may alias x as on the CPU. x/y are f32 or bf16; the cos/sin tables
+// Rotary (rotate_half) forward and backward on the device: one thread per (row, pair vector, head group),
+// reading each pair before writing it, so y may alias x as on the CPU. x/y are f32 or bf16; the cos/sin tables
 // [N, D] are accepted in x's dtype or in f32 (the more accurate choice for bf16 activations: the tables are
 // made on the host in f32 and uploaded per batch).
 #include "core/kernels/cuda/context.h"
@@ -7,6 +7,9 @@
 #include "core/kernels/cuda/device_checks.h"
 #include "core/kernels/cuda/elem.cuh"
 #include "core/kernels/cuda/layers_impl.h"
+#include "core/kernels/cuda/reductions.cuh"
+
+#include <type_traits>
 
 namespace q3vl::cuda {
 
@@ -15,23 +18,44 @@ namespace {
 //   forward:  y[j] = a cos[j] - b sin[j],          y[j + D/2] = b cos[j + D/2] + a sin[j + D/2]
 //   backward: y[j] = a cos[j] + b sin[j + D/2],    y[j + D/2] = b cos[j + D/2] - a sin[j]
 // with (a, b) = (x[j], x[j + D/2]) — the CPU's formulas (rotary.cpp).
-template <class T, class C, bool kTranspose>
+//
+// A thread owns V pairs (j .. j + V, and D/2 further) of one token for kHeadsPerThread heads: it reads the
+// token's cos/sin there once and applies them to each head. V = kVec<T> (16-byte accesses) when the pointers
+// are aligned and V divides D/2, else 1. Consecutive threads take consecutive pair vectors, then head groups.
+constexpr int kHeadsPerThread = 4;
+
+template <class T, class C, int V, bool kTranspose>
 __global__ void rotary_kernel(const T* x, const C* cos, const C* sin, int64_t n, int64_t heads, int64_t d, T* y) {
-  const int64_t half = d / 2, total = n * heads * half;
+  const int64_t half = d / 2, per_head = half / V, groups = (heads + kHeadsPerThread - 1) / kHeadsPerThread;
+  const int64_t total = n * groups * per_head;
   for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < total;
        k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t j = k % half, row_head = k / half, i = row_head / heads;
-    const T* xr = x + row_head * d;
-    T* yr = y + row_head * d;
-    const C* c = cos + i * d;
-    const C* s = sin + i * d;
-    const float a = to_float(xr[j]), b = to_float(xr[j + half]);
-    if constexpr (!kTranspose) {
-      yr[j] = from_float<T>(a * to_float(c[j]) - b * to_float(s[j]));
-      yr[j + half] = from_float<T>(b * to_float(c[j + half]) + a * to_float(s[j + half]));
-    } else {
-      yr[j] = from_float<T>(a * to_float(c[j]) + b * to_float(s[j + half]));
-      yr[j + half] = from_float<T>(b * to_float(c[j + half]) - a * to_float(s[j]));
+    const int64_t j = (k % per_head) * V, group = (k / per_head) % groups, i = k / (per_head * groups);
+    float c0[V], c1[V], s0[V], s1[V];  // cos, sin at j and j + D/2
+    load_floats<V>(cos + i * d + j, c0);
+    load_floats<V>(cos + i * d + j + half, c1);
+    load_floats<V>(sin + i * d + j, s0);
+    load_floats<V>(sin + i * d + j + half, s1);
+#pragma unroll
+    for (int q = 0; q < kHeadsPerThread; ++q) {
+      const int64_t h = group * kHeadsPerThread + q;
+      if (h >= heads) break;
+      const int64_t base = (i * heads + h) * d + j;
+      float a[V], b[V], ya[V], yb[V];
+      load_floats<V>(x + base, a);
+      load_floats<V>(x + base + half, b);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        if constexpr (!kTranspose) {
+          ya[e] = a[e] * c0[e] - b[e] * s0[e];
+          yb[e] = b[e] * c1[e] + a[e] * s1[e];
+        } else {
+          ya[e] = a[e] * c0[e] + b[e] * s1[e];
+          yb[e] = b[e] * c1[e] - a[e] * s0[e];
+        }
+      }
+      store_floats<V>(y + base, ya);
+      store_floats<V>(y + base + half, yb);
     }
   }
 }
@@ -50,8 +74,7 @@ void rotate(const char* layer, const Tensor& x, const Tensor& cos, const Tensor&
   require_device(layer, "cos", cos, ct, {n, d});
   require_device(layer, "sin", sin, ct, {n, d});
   require_device(layer, transpose ? "dx" : "y", y, dt, {n, heads, d});
-  const int64_t total = n * heads * (d / 2);
-  if (total == 0) return;
+  if (n * heads * (d / 2) == 0) return;
   dispatch_float_dtype(layer, dt, [&](auto t) {
     using T = decltype(t);
     dispatch_float_dtype(layer, ct, [&](auto c) {
@@ -59,11 +82,21 @@ void rotate(const char* layer, const Tensor& x, const Tensor& cos, const Tensor&
       const T* xp = static_cast<const T*>(x.raw());
       const C *cp = static_cast<const C*>(cos.raw()), *sp = static_cast<const C*>(sin.raw());
       T* yp = static_cast<T*>(y.raw());
-      if (transpose)
-        rotary_kernel<T, C, true><<<blocks_for(total), kThreads, 0, context().stream>>>(xp, cp, sp, n, heads, d, yp);
+      auto launch = [&](auto v) {
+        constexpr int V = decltype(v)::value;
+        const int64_t threads = n * ((heads + kHeadsPerThread - 1) / kHeadsPerThread) * (d / 2 / V);
+        if (transpose)
+          rotary_kernel<T, C, V, true><<<blocks_for(threads), kThreads, 0, context().stream>>>(xp, cp, sp, n, heads,
+                                                                                             d, yp);
+        else
+          rotary_kernel<T, C, V, false><<<blocks_for(threads), kThreads, 0, context().stream>>>(xp, cp, sp, n,
+                                                                                              heads, d, yp);
+        Q3VL_CUDA_LAUNCHED("rotary_kernel");
+      };
+      if ((d / 2) % kVec<T> == 0 && aligned16({xp, cp, sp, yp}))
+        launch(std::integral_constant<int, kVec<T>>{});
       else
-        rotary_kernel<T, C, false><<<blocks_for(total), kThreads, 0, context().stream>>>(xp, cp, sp, n, heads, d, yp);
-      Q3VL_CUDA_LAUNCHED("rotary_kernel");
+        launch(std::integral_constant<int, 1>{});
     });
   });
 }
