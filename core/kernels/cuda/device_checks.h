@@ -35,4 +35,12 @@ inline void require_grad_dtype(const char* layer, const char* name, const Tensor
              weight_dtype == DType::f32 ? std::string() : " or " + std::string(dtype_name(weight_dtype)));
 }
 
+// An optional parameter gradient: when defined, f32 or the weight's dtype, on the device, of `shape`.
+inline void require_grad(const char* layer, const char* name, const Tensor& grad, DType weight_dtype,
+                         std::initializer_list<int64_t> shape) {
+  if (!grad.defined()) return;
+  require_grad_dtype(layer, name, grad, weight_dtype);
+  require_device(layer, name, grad, grad.dtype(), shape);
+}
+
 }  // namespace q3vl::cuda

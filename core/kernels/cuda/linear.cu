@@ -49,14 +49,8 @@ void CudaLayersImpl::linear_backward(const Tensor& x, const Tensor& w, const Ten
   const int64_t out = w.size(0);
   require_device(L, "dy", dy, dt, {n, out});
   if (dx.defined()) require_device(L, "dx", dx, dt, {n, in});
-  if (dw.defined()) {
-    require_grad_dtype(L, "dw", dw, dt);
-    require_device(L, "dw", dw, dw.dtype(), {out, in});
-  }
-  if (db.defined()) {
-    require_grad_dtype(L, "db", db, dt);
-    require_device(L, "db", db, db.dtype(), {out});
-  }
+  require_grad(L, "dw", dw, dt, {out, in});
+  require_grad(L, "db", db, dt, {out});
   if (dx.defined()) gemm(false, false, n, in, out, 1.0f, dy.raw(), out, w.raw(), in, 0.0f, dx.raw(), in, dt, dt);
   if (dw.defined()) gemm(true, false, out, in, n, 1.0f, dy.raw(), out, x.raw(), in, 1.0f, dw.raw(), in, dt, dw.dtype());
   if (db.defined() && out > 0) {

@@ -436,10 +436,7 @@ void CudaLayersImpl::rmsnorm_backward(const Tensor& x, const Tensor& w, const Te
   require_device(L, "rstd", rstd, DType::f32, {n});
   require_device(L, "dy", dy, dt, {n, d});
   if (dx.defined()) require_device(L, "dx", dx, dt, {n, d});
-  if (dw.defined()) {
-    require_grad_dtype(L, "dw", dw, dt);
-    require_device(L, "dw", dw, dw.dtype(), {d});
-  }
+  require_grad(L, "dw", dw, dt, {d});
   if (n == 0) return;
   dispatch_float_dtype(L, dt, [&](auto t) {
     using T = decltype(t);
@@ -509,14 +506,8 @@ void CudaLayersImpl::layernorm_backward(const Tensor& x, const Tensor& w, const 
   require_device(L, "rstd", rstd, DType::f32, {n});
   require_device(L, "dy", dy, dt, {n, d});
   if (dx.defined()) require_device(L, "dx", dx, dt, {n, d});
-  if (dw.defined()) {
-    require_grad_dtype(L, "dw", dw, dt);
-    require_device(L, "dw", dw, dw.dtype(), {d});
-  }
-  if (db.defined()) {
-    require_grad_dtype(L, "db", db, dt);
-    require_device(L, "db", db, db.dtype(), {d});
-  }
+  require_grad(L, "dw", dw, dt, {d});
+  require_grad(L, "db", db, dt, {d});
   if (n == 0) return;
   dispatch_float_dtype(L, dt, [&](auto t) {
     using T = decltype(t);
