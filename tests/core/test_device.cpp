@@ -19,7 +19,8 @@ TEST(Device, CudaArenaWithoutAUsableDeviceIsRefusedWithTheReason) {
   const std::string reason = cuda_built() ? "no usable CUDA device" : "built without the CUDA backend";
   test::expect_error([] { Arena a("activations", 1024, Device::cuda); }, "arena 'activations'");
   test::expect_error([] { Arena a("activations", 1024, Device::cuda); }, reason);
-  test::expect_error([] { require_cuda("--device cuda"); }, "--device cuda: " + reason.substr(0, 10));
+  test::expect_error([] { require_cuda("--device cuda"); }, "--device cuda: ");
+  test::expect_error([] { require_cuda("--device cuda"); }, reason);
 }
 
 TEST(Device, TensorNamesItsDeviceOnlyWhenNotTheHost) {
