@@ -1,8 +1,12 @@
 // q3vl convert --checkpoint DIR --out HF_DIR [--dtype bf16|f16|f32] [--shard-mb MB] [--tokenizer DIR]:
 // a training checkpoint (a step-NNNNNNNN folder, or a run's output folder: its newest complete checkpoint)
-// to a Hugging Face folder (hf_export.h).
+// to a Hugging Face folder (hf_export.h), with the router bias of a moe.balance bias run (trainer_state.json) in
+// the side file the export describes.
+#include <algorithm>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
+#include <nlohmann/json.hpp>
 
 #include "app/cli_args.h"
 #include "app/commands.h"
@@ -32,8 +36,21 @@ int run_convert(const std::vector<std::string>& args) {
   options.tokenizer_dir = a.get("--tokenizer", "");
   const auto model = io::load_hf_model((fs::path(dir) / "model").string());
   const std::string out = a.required("--out");
+  std::ifstream state_file(fs::path(dir) / "trainer_state.json");
+  const nlohmann::json state = nlohmann::json::parse(state_file, nullptr, false);
+  Q3VL_CHECK(!state.is_discarded(), "convert: '", dir, "/trainer_state.json' is missing or not valid JSON");
+  std::vector<float> bias;
+  if (state.contains("router_bias")) {
+    for (const auto& row : state.at("router_bias"))
+      for (const double v : row.get<std::vector<double>>()) bias.push_back(static_cast<float>(v));
+    const int64_t layers = model->config().num_moe_layers();
+    // export_hf checks the shape against the model config.
+    const int64_t per_layer = static_cast<int64_t>(bias.size()) / std::max<int64_t>(layers, 1);
+    options.router_bias = Tensor(bias.data(), DType::f32, {layers, per_layer});
+  }
   export_hf(out, *model, options);
   std::cout << "converted " << dir << " -> " << out << " (" << dtype << ")\n";
+  if (options.router_bias.defined()) std::cerr << router_bias_warning(out) << "\n";
   return 0;
 }
 

@@ -6,6 +6,7 @@
 
 #include "core/check.h"
 #include "io/model_io.h"
+#include "io/safetensors.h"
 
 namespace q3vl::app {
 
@@ -19,6 +20,31 @@ const std::vector<std::string>& tokenizer_file_names() {
   return names;
 }
 
+std::string router_bias_warning(const std::string& dir) {
+  return "warning: the HF model has no router score bias (moe.balance: bias | aux+bias), so its routing at inference "
+         "differs from training; the bias is in " + (fs::path(dir) / kRouterBiasFile).string() +
+         " (add it to the router's softmax probabilities when choosing the top-k experts)";
+}
+
+namespace {
+
+void write_router_bias(const fs::path& file, const ModelConfig& config, const Tensor& bias) {
+  const int64_t experts = config.text.num_experts;
+  Q3VL_CHECK(bias.dtype() == DType::f32 && bias.ndim() == 2 && bias.size(0) == config.num_moe_layers() &&
+                 bias.size(1) == experts,
+             "export: the router bias is ", bias.str(), ", expected f32 [", config.num_moe_layers(), ", ", experts, "]");
+  std::vector<io::StWriteEntry> entries;
+  int64_t row = 0;
+  for (int l = 0; l < config.text.num_hidden_layers; ++l) {
+    if (!config.is_moe_layer(l)) continue;
+    entries.push_back({"model.language_model.layers." + std::to_string(l) + ".mlp.gate.score_bias",
+                       bias.narrow(0, row++, 1).view({experts})});
+  }
+  io::write_safetensors_file(file.string(), entries, DType::f32);
+}
+
+}  // namespace
+
 void export_hf(const std::string& dir, const Model& model, const HfExportOptions& options) {
   const fs::path target(dir);
   const fs::path tmp = target.string() + ".tmp-" + std::to_string(::getpid());
@@ -30,6 +56,7 @@ void export_hf(const std::string& dir, const Model& model, const HfExportOptions
     const io::WeightLookup whole = [&](const std::string& key) { return model.weights().at(key); };
     io::save_hf_checkpoint(tmp.string(), model.config(), options.lookup ? options.lookup : whole, options.dtype,
                            options.max_shard_bytes, options.before_write);
+    if (options.router_bias.defined()) write_router_bias(tmp / kRouterBiasFile, model.config(), options.router_bias);
     if (!options.tokenizer_dir.empty()) {
       const fs::path src(options.tokenizer_dir);
       Q3VL_CHECK(fs::exists(src / "tokenizer.json"), "export.tokenizer: '", options.tokenizer_dir,

@@ -1,10 +1,15 @@
 // Export of a model as a Hugging Face folder that transformers' from_pretrained loads: config.json, the
 // weights as (sharded) safetensors with an index, and the tokenizer files copied beside them. Written into
 // DIR.tmp-<pid> and renamed to DIR at the end (an existing DIR is replaced only then).
+// HF's model has no router score bias (moe.balance: bias | aux+bias): when the run has one, it goes to the side
+// file DIR/router_bias.safetensors ("model.language_model.layers.<l>.mlp.gate.score_bias" f32 [E] per MoE
+// layer), which from_pretrained ignores, so routing at inference differs from training unless the bias is
+// added back (to the softmax probabilities, for choosing the top-k only).
 #pragma once
 
 #include <cstdint>
 #include <functional>
+#include <string>
 #include <string>
 #include <vector>
 
@@ -21,7 +26,12 @@ struct HfExportOptions {
   std::function<void(const std::string& key)> before_write;
   // Where each tensor's values are read (whole, HF-shaped); default: the model's weight store.
   io::WeightLookup lookup;
+  Tensor router_bias;  // f32 [MoE layers, E] written to router_bias.safetensors; undefined: none
 };
+
+inline constexpr const char* kRouterBiasFile = "router_bias.safetensors";
+// What the caller prints when it exports a router bias.
+std::string router_bias_warning(const std::string& dir);
 
 // The tokenizer/processor files copied from a tokenizer folder when present.
 const std::vector<std::string>& tokenizer_file_names();

@@ -6,6 +6,9 @@
 // FLOPs: core/model/flops.h (matmuls 2 FLOPs per active weight, attention per (query, key) pair, training =
 // 3 x forward), for sequences of --seq-len tokens and images of --patches-per-image patches.
 //
+// Non-trainable state: the router score bias of aux-loss-free balancing (train config moe.balance: bias |
+// aux+bias), f32 [MoE layers, experts], replicated on every rank, not in the optimizer, sharding or the export.
+//
 // A rank's micro-batch: one sequence of --tokens tokens (the images' placeholder tokens included) and --images
 // images of --patches-per-image patches each (default none).
 //
@@ -119,6 +122,12 @@ int run_plan(const std::vector<std::string>& args) {
               (long long)c.vision.hidden_size);
   std::printf("parameters: %lld total (vision %lld, text %lld), %lld active per text token\n", (long long)total,
               (long long)vision, (long long)(total - vision), (long long)active);
+  const int64_t bias_values = static_cast<int64_t>(c.num_moe_layers()) * c.text.num_experts;
+  if (bias_values > 0)
+    std::printf("non-trainable state: router score bias, %d MoE layers x %d experts = %lld f32 values (%s, replicated "
+                "on every rank; only with moe.balance: bias | aux+bias)\n",
+                c.num_moe_layers(), c.text.num_experts, (long long)bias_values,
+                human_bytes(static_cast<double>(4 * bias_values)).c_str());
   std::printf("training FLOPs: %.4g per text token (seq %lld), %.4g per image patch (%lld patches per image)\n",
               text_train, (long long)seq, vis_train, (long long)patches);
   std::printf("memory on one rank for %s (fp32): weights %s, gradients %s, AdamW states %s, activations %s, "
@@ -132,6 +141,7 @@ int run_plan(const std::vector<std::string>& args) {
       {"parameters", total},
       {"vision_parameters", vision},
       {"active_parameters", active},
+      {"router_bias_values", bias_values},
       {"train_flops_per_token", text_train},
       {"train_flops_per_patch", vis_train},
       {"tokens", tokens},

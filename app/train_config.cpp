@@ -84,8 +84,14 @@ std::vector<Field> fields_of(TrainConfig& c) {
       {"optimizer.lr_scale.mergers", &o.lr_scale["mergers"], "learning-rate multiplier"},
       {"optimizer.lr_scale.language_model", &o.lr_scale["language_model"], "learning-rate multiplier"},
       {"optimizer.freeze", &o.freeze, "modules not trained: vision_tower, mergers, language_model"},
+      {"moe.balance", &c.moe.balance, "aux (HF's aux loss) | bias (aux-loss-free router bias) | aux+bias"},
+      {"moe.bias_update_rate", &c.moe.bias_update_rate, "router bias += rate x sign(mean load - load) per step"},
+      {"moe.bias_centered", &c.moe.bias_centered, "subtract the bias update's mean over the experts"},
+      {"moe.aux_loss", &c.moe.aux_loss, "pooled (HF's, over all layers) | per_layer (mean of the layers' own)"},
       {"logging.every", &c.logging.every, "progress line + metrics.jsonl record every N steps"},
       {"logging.expert_stats_every", &c.logging.expert_stats_every, "per-layer expert load every N steps; 0: off"},
+      {"logging.expert_health_every", &c.logging.expert_health_every,
+       "per-layer load CV, max/mean, dead experts, router entropy every N steps; 0: off"},
       {"logging.peak_gflops", &c.logging.peak_gflops, "per-rank fp32 peak for the MFU; 0: this CPU's estimate"},
       {"checkpoint.every", &c.checkpoint.every, "steps between checkpoints; 0: only at the end"},
       {"checkpoint.keep", &c.checkpoint.keep, "complete checkpoints kept"},
@@ -450,8 +456,14 @@ void check_values(const TrainConfig& c, const std::function<std::string(const st
   names_from("optimizer.freeze", o.freeze, kModules);
   fail_unless(o.freeze.size() < kModules.size(), "optimizer.freeze", "freezes every module, nothing would train");
 
+  one_of("moe.balance", c.moe.balance, {"aux", "bias", "aux+bias"});
+  fail_unless(c.moe.bias_update_rate > 0, "moe.bias_update_rate",
+              "must be > 0, got " + format_number(c.moe.bias_update_rate));
+  one_of("moe.aux_loss", c.moe.aux_loss, {"pooled", "per_layer"});
+
   at_least("logging.every", static_cast<double>(c.logging.every), 1);
   at_least("logging.expert_stats_every", static_cast<double>(c.logging.expert_stats_every), 0);
+  at_least("logging.expert_health_every", static_cast<double>(c.logging.expert_health_every), 0);
   at_least("logging.peak_gflops", c.logging.peak_gflops, 0);
 
   at_least("checkpoint.every", static_cast<double>(c.checkpoint.every), 0);

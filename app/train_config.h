@@ -43,9 +43,15 @@
 //     grad_clip: 1.0            # global-norm clipping; 0 = off
 //     lr_scale: {vision_tower: 1.0, mergers: 1.0, language_model: 1.0}
 //     freeze: []                # any of vision_tower, mergers, language_model
+//   moe:                        # MoE load balancing (models with MoE layers)
+//     balance: aux              # aux (HF's aux loss) | bias (aux-loss-free router bias) | aux+bias
+//     bias_update_rate: 0.001   # bias += rate x sign(mean load - load) per optimizer step
+//     bias_centered: false      # subtract the update's mean over the experts
+//     aux_loss: pooled          # pooled (HF's, over all layers) | per_layer (mean of each layer's own)
 //   logging:
 //     every: 1                  # progress line + metrics.jsonl record every N steps
 //     expert_stats_every: 10    # per-layer expert load (0 = off)
+//     expert_health_every: 10   # per-layer load CV, max/mean, dead experts, router entropy (0 = off)
 //     peak_gflops: 0            # per-rank fp32 peak for the MFU (0: this CPU's estimate, core/cpu_peak.h)
 //   checkpoint:
 //     every: 0                  # steps between checkpoints (0: only at the end)
@@ -113,9 +119,25 @@ struct OptimizerSection {
   bool operator==(const OptimizerSection&) const = default;
 };
 
+// MoE load balancing. The router bias (balance bias or aux+bias) is per MoE layer and expert, added to the
+// softmax probabilities for choosing the top-k only (core/layers/moe.h), updated after every optimizer step that
+// is not skipped from the step's global expert loads (all micro-batches and data ranks), and kept in
+// checkpoints (trainer_state.json).
+struct MoeSection {
+  std::string balance = "aux";
+  double bias_update_rate = 1e-3;
+  bool bias_centered = false;
+  std::string aux_loss = "pooled";
+  bool uses_aux() const { return balance != "bias"; }
+  bool uses_bias() const { return balance != "aux"; }
+
+  bool operator==(const MoeSection&) const = default;
+};
+
 struct LoggingSection {
   int64_t every = 1;
   int64_t expert_stats_every = 10;
+  int64_t expert_health_every = 10;
   double peak_gflops = 0.0;
 
   bool operator==(const LoggingSection&) const = default;
@@ -153,6 +175,7 @@ struct TrainConfig {
   DataSection data;
   TrainSection train;
   OptimizerSection optimizer;
+  MoeSection moe;
   LoggingSection logging;
   CheckpointSection checkpoint;
   ExportSection export_;

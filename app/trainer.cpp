@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <omp.h>
@@ -175,6 +176,12 @@ struct Trainer::Impl {
     if (watchdog) watchdog->beat(what);
   }
   std::vector<std::vector<int64_t>> expert_counts;  // per MoE layer, accumulated over a step
+  // Expert-health window (logging.expert_health_every steps), global over the data ranks: per MoE layer the
+  // expert loads, the router entropy summed over valid tokens, and those tokens.
+  std::vector<std::vector<int64_t>> health_counts;
+  std::vector<double> health_entropy;
+  std::vector<int64_t> health_tokens;
+  int64_t health_steps = 0;  // steps in the window (fewer than expert_health_every after a resume)
 
   Impl(const TrainConfig& c, std::ostream& o, parallel::Comm* shared)
       : cfg(c),
@@ -214,10 +221,13 @@ struct Trainer::Impl {
   void build();
   void resume_if_asked();
   std::string trainer_state_json() const;
+  void restore_router_bias(const json& state, const std::string& dir);
   std::string save_checkpoint();
   StepRecord train_step();
   void log_step(const StepRecord& r, int64_t micro_tokens_total);
   void log_expert_load();
+  void log_expert_health();
+  void update_router_bias();
 };
 
 void Trainer::Impl::build() {
@@ -232,6 +242,11 @@ void Trainer::Impl::build() {
   build_model();
   const ModelConfig& mc = model->config();
   flops = flop_model(mc);
+  if (cfg.moe.uses_bias()) {
+    Q3VL_CHECK(mc.num_moe_layers() > 0, "moe.balance: '", cfg.moe.balance,
+               "' needs MoE layers, but the model has none (use moe.balance: aux)");
+    model->enable_router_bias();
+  }
 
   // Data: the manifest and shards are validated by the loader; the tokenizer must be the one packed with.
   io::LoaderOptions lo;
@@ -273,6 +288,9 @@ void Trainer::Impl::build() {
   schedule.decay = parse_lr_decay(cfg.optimizer.decay);
   schedule.validate();
   expert_counts.assign(mc.num_moe_layers(), std::vector<int64_t>(std::max(mc.text.num_experts, 0), 0));
+  health_counts = expert_counts;
+  health_entropy.assign(mc.num_moe_layers(), 0.0);
+  health_tokens.assign(mc.num_moe_layers(), 0);
 
   config_yaml = cfg.to_yaml();
   if (root) {
@@ -408,6 +426,16 @@ std::string Trainer::Impl::trainer_state_json() const {
   j["skipped_steps"] = skipped_steps;
   j["seed"] = cfg.train.seed;
   j["loader"] = json::parse(loader->state().to_json());
+  if (const Tensor& bias = model->router_bias(); bias.defined()) {
+    // Every rank holds the same bias (same global loads, same updates). Floats widen to doubles exactly and
+    // JSON writes doubles so that they read back to the same bits.
+    json rows = json::array();
+    for (int64_t l = 0; l < bias.size(0); ++l) {
+      const float* row = bias.data<float>() + l * bias.size(1);
+      rows.push_back(std::vector<double>(row, row + bias.size(1)));
+    }
+    j["router_bias"] = rows;
+  }
   return j.dump(2);
 }
 
@@ -474,6 +502,29 @@ void Trainer::Impl::load_checkpoint(const std::string& dir, std::string& trainer
   trainer_state = reader.trainer_state_json();
 }
 
+void Trainer::Impl::restore_router_bias(const json& state, const std::string& dir) {
+  const Tensor& bias = model->router_bias();
+  if (!state.contains("router_bias")) {
+    if (bias.defined())
+      out << "checkpoint '" << dir << "' has no router bias (saved with moe.balance: aux): it starts at zero\n";
+    return;
+  }
+  if (!bias.defined()) {
+    out << "checkpoint '" << dir << "' has a router bias, unused with moe.balance: aux (routing will change)\n";
+    return;
+  }
+  const json& rows = state.at("router_bias");
+  const int64_t layers = bias.size(0), experts = bias.size(1);
+  Q3VL_CHECK(rows.is_array() && static_cast<int64_t>(rows.size()) == layers, "checkpoint '", dir,
+             "': trainer_state.json router_bias has ", rows.size(), " rows, expected ", layers, " (MoE layers)");
+  for (int64_t l = 0; l < layers; ++l) {
+    const std::vector<double> row = rows[l].get<std::vector<double>>();
+    Q3VL_CHECK(static_cast<int64_t>(row.size()) == experts, "checkpoint '", dir, "': trainer_state.json router_bias[",
+               l, "] has ", row.size(), " values, expected ", experts, " (experts)");
+    std::copy(row.begin(), row.end(), bias.data<float>() + l * experts);
+  }
+}
+
 void Trainer::Impl::resume_if_asked() {
   const std::string& r = cfg.checkpoint.resume;
   std::string dir;
@@ -501,6 +552,7 @@ void Trainer::Impl::resume_if_asked() {
     tokens_seen = s.at("tokens_seen").get<int64_t>();
     skipped_steps = s.at("skipped_steps").get<int64_t>();
     loader->restore(io::LoaderState::from_json(s.at("loader").dump()));
+    restore_router_bias(s, dir);
   } catch (const json::exception& e) {
     Q3VL_FAIL("checkpoint '", dir, "': trainer_state.json: ", e.what());
   }
@@ -730,9 +782,12 @@ StepRecord Trainer::Impl::train_step() {
   if (sharded) sharded->zero_grads();
   else model->zero_grads();
   for (auto& c : expert_counts) std::fill(c.begin(), c.end(), 0);
+  ++health_steps;
   const int64_t normalizer = std::max<int64_t>(rec.target_tokens, 1);
   bool finite = true;
   ForwardOptions fo;
+  fo.aux_loss = cfg.moe.uses_aux();
+  fo.aux_per_layer = cfg.moe.aux_loss == "per_layer";
   if (grid->data().size() > 1) fo.expert_stats_reducer = [this](std::vector<MoeStats>& layers) { reduce_expert_stats(layers); };
   for (const auto& b : micro) {
     beat("step " + std::to_string(step + 1) + ": forward and backward");
@@ -743,7 +798,12 @@ StepRecord Trainer::Impl::train_step() {
     const auto& load = workspace->expert_load();
     for (size_t l = 0; l < load.size(); ++l) {
       const int64_t* c = load[l].counts.data<int64_t>();
-      for (size_t e = 0; e < expert_counts[l].size(); ++e) expert_counts[l][e] += c[e];
+      for (size_t e = 0; e < expert_counts[l].size(); ++e) {
+        expert_counts[l][e] += c[e];
+        health_counts[l][e] += c[e];
+      }
+      health_entropy[l] += load[l].entropy_sum;
+      health_tokens[l] += load[l].valid_tokens;
       rec.router_margin = std::min(rec.router_margin, load[l].min_margin);
     }
     BackwardOptions bo;
@@ -763,7 +823,9 @@ StepRecord Trainer::Impl::train_step() {
   beat("step " + std::to_string(step + 1) + ": gradient all-reduce");
   reduce_gradients();
   beat("step " + std::to_string(step + 1) + ": optimizer");
-  const double coef = model->config().num_moe_layers() > 0 ? model->config().text.router_aux_loss_coef : 0.0;
+  const double coef = model->config().num_moe_layers() > 0 && cfg.moe.uses_aux()
+                          ? model->config().text.router_aux_loss_coef
+                          : 0.0;
   rec.loss = rec.ce_loss + coef * rec.aux_loss;
   {
     // Each element is owned by one rank of a replica (ZeRO-1 chunks: one rank of the world).
@@ -784,6 +846,7 @@ StepRecord Trainer::Impl::train_step() {
     ++skipped_steps;
   } else {
     adamw->step(rec.lr, clip_coefficient(rec.grad_norm, cfg.optimizer.grad_clip));
+    update_router_bias();
     beat("step " + std::to_string(step) + ": parameter all-gather");
     // Sharded parameters are gathered by the next forward; ZeRO-1 chunks are gathered now.
     for (size_t i = 0; i < optim_tensors.size(); ++i) {
@@ -856,21 +919,98 @@ void Trainer::Impl::log_expert_load() {
   out << line;
 }
 
+void Trainer::Impl::log_expert_health() {
+  if (health_counts.empty()) return;
+  const Tensor& bias = model->router_bias();
+  json layers = json::array();
+  double worst = 0, worst_cv = 0, min_entropy = std::numeric_limits<double>::infinity();
+  int worst_layer = 0;
+  int64_t dead_total = 0;
+  for (size_t l = 0; l < health_counts.size(); ++l) {
+    const auto& c = health_counts[l];
+    const double n = static_cast<double>(c.size());
+    double sum = 0, sq = 0, mx = 0;
+    int64_t dead = 0;
+    for (const int64_t v : c) {
+      sum += v;
+      sq += static_cast<double>(v) * v;
+      mx = std::max(mx, static_cast<double>(v));
+      dead += v == 0;
+    }
+    const double mean = sum / n, sd = std::sqrt(std::max(0.0, sq / n - mean * mean));
+    const double cv = mean > 0 ? sd / mean : 0.0, max_over_mean = mean > 0 ? mx / mean : 0.0;
+    const double entropy = health_tokens[l] > 0 ? health_entropy[l] / static_cast<double>(health_tokens[l]) : 0.0;
+    json layer{{"moe_layer", l},  {"cv", cv},           {"max_over_mean", max_over_mean},
+               {"dead_experts", dead}, {"router_entropy", entropy}, {"tokens", health_tokens[l]}};
+    if (bias.defined()) {
+      const float* b = bias.data<float>() + static_cast<int64_t>(l) * bias.size(1);
+      layer["bias_min"] = *std::min_element(b, b + bias.size(1));
+      layer["bias_max"] = *std::max_element(b, b + bias.size(1));
+    }
+    layers.push_back(layer);
+    if (max_over_mean > worst) {
+      worst = max_over_mean;
+      worst_layer = static_cast<int>(l);
+    }
+    worst_cv = std::max(worst_cv, cv);
+    dead_total += dead;
+    min_entropy = std::min(min_entropy, entropy);  // NaN (not computed) is never the minimum
+  }
+  emit(json{{"event", "expert_health"}, {"step", step}, {"window_steps", health_steps}, {"layers", layers}});
+  char line[320];
+  std::snprintf(line, sizeof line,
+                "expert health step %lld (last %lld steps, %zu MoE layers): worst max/mean %.2f (layer %d), worst CV "
+                "%.3f, dead experts %lld, lowest router entropy %.3f (uniform %.3f)\n",
+                (long long)step, (long long)health_steps, health_counts.size(), worst, worst_layer, worst_cv,
+                (long long)dead_total, min_entropy, std::log(static_cast<double>(health_counts[0].size())));
+  out << line;
+  for (auto& c : health_counts) std::fill(c.begin(), c.end(), 0);
+  std::fill(health_entropy.begin(), health_entropy.end(), 0.0);
+  std::fill(health_tokens.begin(), health_tokens.end(), 0);
+  health_steps = 0;
+}
+
+void Trainer::Impl::update_router_bias() {
+  const Tensor& bias = model->router_bias();
+  if (!bias.defined()) return;
+  const int64_t experts = bias.size(1);
+  const double rate = cfg.moe.bias_update_rate;
+  std::vector<double> delta(static_cast<size_t>(experts));
+  for (size_t l = 0; l < expert_counts.size(); ++l) {
+    const std::vector<int64_t>& load = expert_counts[l];
+    double mean = 0;
+    for (const int64_t v : load) mean += static_cast<double>(v);
+    mean /= static_cast<double>(experts);
+    double centre = 0;
+    for (int64_t e = 0; e < experts; ++e) {
+      const double gap = mean - static_cast<double>(load[e]);
+      delta[e] = rate * static_cast<double>((gap > 0) - (gap < 0));
+      centre += delta[e];
+    }
+    centre = cfg.moe.bias_centered ? centre / static_cast<double>(experts) : 0.0;
+    float* b = bias.data<float>() + static_cast<int64_t>(l) * experts;
+    for (int64_t e = 0; e < experts; ++e) b[e] = static_cast<float>(b[e] + (delta[e] - centre));
+  }
+}
+
 void Trainer::Impl::reduce_expert_stats(std::vector<MoeStats>& layers) {
   const size_t e = layers.empty() ? 0 : static_cast<size_t>(layers[0].counts.numel());
   std::vector<int64_t> ints(layers.size() * (e + 1));
-  std::vector<double> probs(layers.size() * e);
+  // prob_sum rows, then each layer's entropy sum.
+  std::vector<double> doubles(layers.size() * (e + 1));
   for (size_t l = 0; l < layers.size(); ++l) {
     std::copy_n(layers[l].counts.data<int64_t>(), e, ints.begin() + l * e);
-    std::copy_n(layers[l].prob_sum.data<double>(), e, probs.begin() + l * e);
+    std::copy_n(layers[l].prob_sum.data<double>(), e, doubles.begin() + l * e);
     ints[layers.size() * e + l] = layers[l].valid_tokens;
+    doubles[layers.size() * e + l] = layers[l].entropy_sum;
   }
   grid->data().all_reduce_sum(std::span<int64_t>(ints));
-  grid->data().all_reduce_sum(std::span<double>(probs));
+  grid->data().all_reduce_sum(std::span<double>(doubles));
   for (size_t l = 0; l < layers.size(); ++l) {
     std::copy_n(ints.begin() + l * e, e, layers[l].counts.data<int64_t>());
-    std::copy_n(probs.begin() + l * e, e, layers[l].prob_sum.data<double>());
+    std::copy_n(doubles.begin() + l * e, e, layers[l].prob_sum.data<double>());
     layers[l].valid_tokens = ints[layers.size() * e + l];
+    layers[l].entropy_sum = doubles[layers.size() * e + l];
   }
 }
 
@@ -973,6 +1113,7 @@ TrainOutcome Trainer::run() {
     if (outcome.steps.size() == 1) m.log_memory();
     if (m.step_callback) m.step_callback(outcome.steps.back());
     if (m.cfg.logging.expert_stats_every > 0 && m.step % m.cfg.logging.expert_stats_every == 0) m.log_expert_load();
+    if (m.cfg.logging.expert_health_every > 0 && m.step % m.cfg.logging.expert_health_every == 0) m.log_expert_health();
     int64_t stop_flag = g_stop_requested.load() ? 1 : 0;  // every rank stops at the same step
     m.comm.all_reduce_max(std::span<int64_t>(&stop_flag, 1));
     const bool stop = stop_flag != 0;
@@ -992,12 +1133,14 @@ TrainOutcome Trainer::run() {
     eo.dtype = export_dtype(m.cfg.export_.dtype);
     eo.max_shard_bytes = static_cast<uint64_t>(m.cfg.export_.shard_mb) << 20;
     if (m.cfg.export_.tokenizer) eo.tokenizer_dir = *m.cfg.export_.tokenizer;
+    eo.router_bias = m.model->router_bias();
     if (m.sharded) {
       m.export_sharded(outcome.export_dir, eo);
     } else if (m.root) {
       export_hf(outcome.export_dir, *m.model, eo);
     }
     m.out << "exported HF model -> " << outcome.export_dir << "\n";
+    if (eo.router_bias.defined()) m.out << router_bias_warning(outcome.export_dir) << "\n";
     m.comm.barrier();
   }
   m.watchdog.reset();

@@ -2,7 +2,7 @@
 // pairs by expert, one grouped GEMM per expert and projection (experts run in parallel, each GEMM on one
 // thread), fused SwiGLU loops, and a per-token combine in slot order. With expert parallelism the expert GEMMs
 // run on the experts' owners instead (moe_expert_parallel.cpp). Device tensors go to the CUDA backend
-// (core/kernels/cuda/moe.cu). Also the pooled aux loss.
+// (core/kernels/cuda/moe.cu). Also the pooled and per-layer aux losses.
 #include "core/layers/moe.h"
 
 #include <algorithm>
@@ -101,10 +101,10 @@ void check_free(const char* L, const char* name, const Arena& arena, size_t need
              arena.capacity() - arena.used(), " bytes free, needs ", need);
 }
 
-// Softmax of each logits row in place, then its top-k (descending probability, equal values in increasing
-// expert index) and the renormalised weights.
+// Softmax of each logits row in place, then its top-k by selection score p + bias (bias null: p; descending,
+// equal values in increasing expert index) and the renormalised weights of the chosen probabilities.
 template <class T>
-void route(int64_t n, int64_t E, int64_t K, T* probs, int64_t* topk_expert, T* topk_weight) {
+void route(int64_t n, int64_t E, int64_t K, T* probs, const float* bias, int64_t* topk_expert, T* topk_weight) {
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < n; ++t) {
     T* p = probs + t * E;
@@ -117,22 +117,23 @@ void route(int64_t n, int64_t E, int64_t K, T* probs, int64_t* topk_expert, T* t
     }
     for (int64_t e = 0; e < E; ++e) p[e] /= sum;
     int64_t* idx = topk_expert + t * K;
-    T* val = topk_weight + t * K;
+    T* val = topk_weight + t * K;  // the chosen scores while selecting
     int64_t filled = 0;
     for (int64_t e = 0; e < E; ++e) {
-      // Strict comparisons keep an earlier (lower) expert ahead of a later one with the same probability.
-      if (filled == K && !(p[e] > val[K - 1])) continue;
+      const T score = bias ? p[e] + static_cast<T>(bias[e]) : p[e];
+      // Strict comparisons keep an earlier (lower) expert ahead of a later one with the same score.
+      if (filled == K && !(score > val[K - 1])) continue;
       int64_t j = filled < K ? filled++ : K - 1;
-      for (; j > 0 && p[e] > val[j - 1]; --j) {
+      for (; j > 0 && score > val[j - 1]; --j) {
         val[j] = val[j - 1];
         idx[j] = idx[j - 1];
       }
-      val[j] = p[e];
+      val[j] = score;
       idx[j] = e;
     }
     T total = 0;
-    for (int64_t s = 0; s < K; ++s) total += val[s];
-    for (int64_t s = 0; s < K; ++s) val[s] /= total;
+    for (int64_t s = 0; s < K; ++s) total += p[idx[s]];
+    for (int64_t s = 0; s < K; ++s) val[s] = p[idx[s]] / total;
   }
 }
 
@@ -184,7 +185,8 @@ void forward_impl(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, Va
   int64_t* pair_row = saved.pair_row.data<int64_t>();
 
   cpu::gemm<T>(false, true, n, E, H, T(1), xp, H, w.router.data<T>(), H, T(0), probs, E);
-  route<T>(n, E, K, probs, topk_expert, topk_weight);
+  const float* bias = w.score_bias.defined() ? w.score_bias.data<float>() : nullptr;
+  route<T>(n, E, K, probs, bias, topk_expert, topk_weight);
 
   int64_t* counts = stats.counts.data<int64_t>();
   double* prob_sum = stats.prob_sum.data<double>();
@@ -192,19 +194,29 @@ void forward_impl(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, Va
   std::memset(prob_sum, 0, sizeof(double) * E);
   stats.valid_tokens = 0;
   stats.min_margin = std::numeric_limits<double>::infinity();
+  stats.entropy_sum = 0;
   for (int64_t t = 0; t < n; ++t) {
     if (!valid(t)) continue;
     ++stats.valid_tokens;
     const int64_t* chosen = topk_expert + t * K;
+    const T* p = probs + t * E;
     for (int64_t s = 0; s < K; ++s) ++counts[chosen[s]];
-    for (int64_t e = 0; e < E; ++e) prob_sum[e] += probs[t * E + e];
-    // The best expert left out: probs of the chosen ones are at least its probability, so skip them by index.
-    double left_out = -1;
     for (int64_t e = 0; e < E; ++e) {
-      if (std::find(chosen, chosen + K, e) == chosen + K) left_out = std::max(left_out, double(probs[t * E + e]));
+      prob_sum[e] += p[e];
+      if (p[e] > 0) stats.entropy_sum -= double(p[e]) * std::log(double(p[e]));
     }
-    if (left_out >= 0)
-      stats.min_margin = std::min(stats.min_margin, std::log(double(probs[t * E + chosen[K - 1]]) / left_out));
+    const auto score = [&](int64_t e) { return bias ? double(p[e] + static_cast<T>(bias[e])) : double(p[e]); };
+    // The best expert left out: scores of the chosen ones are at least its score, so skip them by index.
+    bool any_left_out = false;
+    double left_out = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      if (std::find(chosen, chosen + K, e) != chosen + K) continue;
+      left_out = any_left_out ? std::max(left_out, score(e)) : score(e);
+      any_left_out = true;
+    }
+    if (!any_left_out) continue;
+    const double last = score(chosen[K - 1]);
+    stats.min_margin = std::min(stats.min_margin, bias ? last - left_out : std::log(last / left_out));
   }
 
   // Stable counting sort of pairs by expert: offsets[e + 1] counts, prefix sums, then offsets[e] serves as
@@ -374,6 +386,7 @@ void moe_forward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, con
   require(L, "y", y, dt, {n, cfg.hidden});
   require(L, "stats.counts", stats.counts, DType::i64, {cfg.num_experts});
   require(L, "stats.prob_sum", stats.prob_sum, DType::f64, {cfg.num_experts});
+  if (w.score_bias.defined()) require(L, "w.score_bias", w.score_bias, DType::f32, {cfg.num_experts});
   const ValidMask mask = check_valid(L, valid, n);
   if (cfg.exchange) moe_detail::check_expert_parallel(L, cfg, dt);
   check_free(L, "saved_arena", saved_arena, moe_forward_arena_bytes(cfg, n, dt, cfg.exchange != nullptr));
@@ -418,8 +431,11 @@ void moe_backward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, co
   });
 }
 
-double moe_aux_loss(int64_t num_experts, std::span<const MoeStats> layers, double coef, const Tensor& aux_dprob) {
-  const char* L = "moe_aux_loss";
+namespace {
+
+// The checks both aux losses share; returns the valid tokens summed over the layers.
+int64_t check_aux_inputs(const char* L, int64_t num_experts, std::span<const MoeStats> layers, const Tensor& aux_dprob,
+                         std::initializer_list<int64_t> dprob_shape) {
   Q3VL_CHECK(num_experts > 0, L, ": num_experts ", num_experts, " must be positive");
   int64_t total = 0;
   for (size_t l = 0; l < layers.size(); ++l) {
@@ -434,8 +450,23 @@ double moe_aux_loss(int64_t num_experts, std::span<const MoeStats> layers, doubl
   if (aux_dprob.defined()) {
     Q3VL_CHECK(aux_dprob.dtype() == DType::f32 || aux_dprob.dtype() == DType::f64, L, ": aux_dprob has dtype ",
                dtype_name(aux_dprob.dtype()), ", expected f32 or f64");
-    require(L, "aux_dprob", aux_dprob, aux_dprob.dtype(), {num_experts});
+    require(L, "aux_dprob", aux_dprob, aux_dprob.dtype(), dprob_shape);
   }
+  return total;
+}
+
+void set_dprob(const char* L, const Tensor& aux_dprob, int64_t at, double g) {
+  dispatch_float(L, aux_dprob.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    aux_dprob.data<T>()[at] = static_cast<T>(g);
+  });
+}
+
+}  // namespace
+
+double moe_aux_loss(int64_t num_experts, std::span<const MoeStats> layers, double coef, const Tensor& aux_dprob) {
+  const char* L = "moe_aux_loss";
+  const int64_t total = check_aux_inputs(L, num_experts, layers, aux_dprob, {num_experts});
   double aux = 0;
   for (int64_t e = 0; e < num_experts; ++e) {
     double count = 0, prob = 0;
@@ -446,15 +477,34 @@ double moe_aux_loss(int64_t num_experts, std::span<const MoeStats> layers, doubl
     const double f = total > 0 ? count / static_cast<double>(total) : 0.0;
     const double P = total > 0 ? prob / static_cast<double>(total) : 0.0;
     aux += f * P;
-    if (aux_dprob.defined()) {
-      const double g = total > 0 ? coef * static_cast<double>(num_experts) * f / static_cast<double>(total) : 0.0;
-      dispatch_float(L, aux_dprob.dtype(), [&](auto tag) {
-        using T = decltype(tag);
-        aux_dprob.data<T>()[e] = static_cast<T>(g);
-      });
-    }
+    if (aux_dprob.defined())
+      set_dprob(L, aux_dprob, e,
+                total > 0 ? coef * static_cast<double>(num_experts) * f / static_cast<double>(total) : 0.0);
   }
   return static_cast<double>(num_experts) * aux;
+}
+
+double moe_aux_loss_per_layer(int64_t num_experts, std::span<const MoeStats> layers, double coef,
+                              const Tensor& aux_dprob) {
+  const char* L = "moe_aux_loss_per_layer";
+  const int64_t num_layers = static_cast<int64_t>(layers.size());
+  check_aux_inputs(L, num_experts, layers, aux_dprob, {num_layers, num_experts});
+  if (num_layers == 0) return 0.0;
+  const double E = static_cast<double>(num_experts), per_layer = 1.0 / static_cast<double>(num_layers);
+  double aux = 0;
+  for (int64_t l = 0; l < num_layers; ++l) {
+    const MoeStats& s = layers[l];
+    const double T = static_cast<double>(s.valid_tokens);
+    double layer = 0;
+    for (int64_t e = 0; e < num_experts; ++e) {
+      const double f = T > 0 ? static_cast<double>(s.counts.data<int64_t>()[e]) / T : 0.0;
+      const double P = T > 0 ? s.prob_sum.data<double>()[e] / T : 0.0;
+      layer += f * P;
+      if (aux_dprob.defined()) set_dprob(L, aux_dprob, l * num_experts + e, T > 0 ? coef * E * f / T * per_layer : 0.0);
+    }
+    aux += E * layer;
+  }
+  return aux * per_layer;
 }
 
 }  // namespace q3vl

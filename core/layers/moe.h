@@ -3,7 +3,8 @@
 //
 // Forward: logits = x router^T; probs = softmax(logits) in the compute type; the top-k experts of each token
 // by probability (descending; equal probabilities are taken in increasing expert index, which is also the slot
-// order); weights = the k probabilities renormalised to sum 1; y = sum over slots of
+// order), or by probs + score_bias when the weights carry a bias (aux-loss-free balancing, below); weights =
+// the k probabilities (never the bias) renormalised to sum 1; y = sum over slots of
 // weight * down_e(silu(x gate_e) * (x up_e)). The (token, slot) pairs are sorted by expert with a stable
 // counting sort so each expert runs one GEMM over all its rows; the per-token sum then runs in slot order, so
 // no sum depends on how threads are scheduled.
@@ -56,10 +57,16 @@ class ExpertExchange {
 
 // The on-disk layouts: router is nn.Linear [E, H]; experts are x @ W with gate_up [E, H, 2I] (gate = first I
 // columns, up = last I) and down [E, I, H]. All three share one float dtype (f32, or f64 in tests).
+// score_bias: f32 [E] or undefined (none). Aux-loss-free load balancing (DeepSeek-V3): the top-k is chosen by
+// probs + score_bias. DeepSeek-V3 adds its bias to sigmoid scores; with HF's softmax router it is added to the
+// softmax probabilities (not the logits), so a bias is in probability units whatever the logits' scale. It
+// only selects: combine weights, the aux loss and every gradient use the unbiased probabilities. It is state,
+// not a parameter (no gradient; grads.score_bias is ignored); the CPU path only.
 struct MoeWeights {
   Tensor router;
   Tensor gate_up;
   Tensor down;
+  Tensor score_bias = {};  // initialised, so {router, gate_up, down} is a complete "no bias" initializer
 };
 using MoeGrads = MoeWeights;
 
@@ -92,7 +99,11 @@ struct MoeStats {
   // chosen expert and the best one left out (infinity when there is none: no valid token, or k == E). Below
   // the fp32 noise of the logits a token's expert set can differ between runs that differ only in summation
   // order (another layout, another CPU), which changes that expert's gradient far beyond summation noise.
+  // With a score_bias it is the gap of the selection scores p + bias instead (probability units).
   double min_margin = std::numeric_limits<double>::infinity();
+  // Sum over valid tokens of the router softmax entropy -sum_e p_e log p_e (expert-health metrics); NaN from
+  // the CUDA path, which does not compute it yet.
+  double entropy_sum = 0;
 };
 
 // Bytes moe_forward takes from its saved arena for N tokens: the MoeSaved tensors (kept) plus the forward's
@@ -134,5 +145,12 @@ size_t expert_exchange_scratch_bytes(const ExpertExchange& exchange);
 // aux = E * sum_e f_e P_e (0 when T = 0). When aux_dprob ([E], f32 or f64) is defined it is written with
 // coef * d aux / d probs[t, e] = coef * E * f_e / T, the same for every valid token of every layer.
 double moe_aux_loss(int64_t num_experts, std::span<const MoeStats> layers, double coef, const Tensor& aux_dprob);
+
+// The per-layer variant: the mean over the L layers of each layer's own balance loss E * sum_e f_le P_le (f, P
+// over that layer's T_l valid tokens; a layer with T_l = 0 counts 0), so one layer's collapse cannot hide
+// behind another's balance. When aux_dprob ([L, E], f32 or f64) is defined, row l is written with
+// coef * E * f_le / (T_l * L), the d / d probs[t, e] of every valid token of layer l.
+double moe_aux_loss_per_layer(int64_t num_experts, std::span<const MoeStats> layers, double coef,
+                              const Tensor& aux_dprob);
 
 }  // namespace q3vl

@@ -25,6 +25,11 @@ constexpr const char* kForward = "Model::forward";
 
 size_t bytes(int64_t elems, DType dtype) { return Arena::aligned(static_cast<size_t>(elems) * dtype_size(dtype)); }
 
+// The aux loss's d / d probs: [E] (pooled) or [MoE layers, E] (per-layer), sized for the larger.
+size_t aux_dprob_bytes(const ModelConfig& c, DType dtype) {
+  return bytes(std::max(c.num_moe_layers(), 1) * static_cast<int64_t>(std::max(c.text.num_experts, 1)), dtype);
+}
+
 // Merged tokens and frames of the items of one grid tensor (undefined: none).
 struct GridTotals {
   int64_t items = 0, patches = 0, frames = 0;
@@ -90,8 +95,7 @@ size_t Workspace::activation_bytes(const ModelConfig& c, const BatchShape& s, DT
     transient = std::max(transient, t);
   }
   total += transient;
-  total += bytes(n * h, dt) + 2 * bytes(n, dt) + bytes(n * c.text.vocab_size, dt) +
-           bytes(std::max(c.text.num_experts, 1), dt);
+  total += bytes(n * h, dt) + 2 * bytes(n, dt) + bytes(n * c.text.vocab_size, dt) + aux_dprob_bytes(c, dt);
   return total;
 }
 
@@ -102,7 +106,7 @@ size_t Workspace::scratch_bytes(const ModelConfig& c, const BatchShape& s, DType
   size_t layer = 0;
   for (int l = 0; l < c.text.num_hidden_layers; ++l)
     layer = std::max(layer, decoder_layer_scratch_bytes(c, l, n, s.seq, dt, expert_parallel));
-  const size_t text = 2 * bytes(n * h, dt) + bytes(std::max(c.text.num_experts, 1), dt) + layer;
+  const size_t text = 2 * bytes(n * h, dt) + aux_dprob_bytes(c, dt) + layer;
   const size_t vision =
       s.patches() > 0 ? vision_tower_scratch_bytes(c.vision, {s.patches(), s.items, s.frames}, dt) : 0;
   // The forward borrows the position ids [3, N] before anything else.
@@ -133,6 +137,18 @@ Model::Model(const ModelConfig& config, DType dtype, const TpLayout& tp)
   text_g_ = text_weights(config_, grads_);
   unit_ids_ = unit_ids(weights_.units());
   // Both stores start zero-filled (fresh anonymous pages).
+}
+
+void Model::enable_router_bias() {
+  const int64_t layers = config_.num_moe_layers(), experts = config_.text.num_experts;
+  Q3VL_CHECK(layers > 0, "Model::enable_router_bias: the model has no MoE layers");
+  if (router_bias_.defined()) return;
+  router_bias_storage_.assign(static_cast<size_t>(layers * experts), 0.0f);
+  router_bias_ = Tensor(router_bias_storage_.data(), DType::f32, {layers, experts});
+  int64_t moe_layer = 0;
+  for (DecoderLayerWeights& l : text_w_.layers) {
+    if (l.moe) l.experts.score_bias = router_bias_.narrow(0, moe_layer++, 1).view({experts});
+  }
 }
 
 void Model::set_tensor_parallel(TensorParallel* tp) {
@@ -349,8 +365,14 @@ ForwardResult Model::forward(const Batch& batch, Workspace& ws, const ForwardOpt
   if (!ws.moe_stats.empty()) {
     if (options.expert_stats_reducer) options.expert_stats_reducer(ws.moe_stats);
     const bool train_aux = options.aux_loss;
-    if (train_aux) ws.aux_dprob = Tensor::empty(acts, {c.text.num_experts}, dt);
-    r.aux_loss = moe_aux_loss(c.text.num_experts, ws.moe_stats, c.text.router_aux_loss_coef, ws.aux_dprob);
+    const int64_t experts = c.text.num_experts, layers = static_cast<int64_t>(ws.moe_stats.size());
+    if (options.aux_per_layer) {
+      if (train_aux) ws.aux_dprob = Tensor::empty(acts, {layers, experts}, dt);
+      r.aux_loss = moe_aux_loss_per_layer(experts, ws.moe_stats, c.text.router_aux_loss_coef, ws.aux_dprob);
+    } else {
+      if (train_aux) ws.aux_dprob = Tensor::empty(acts, {experts}, dt);
+      r.aux_loss = moe_aux_loss(experts, ws.moe_stats, c.text.router_aux_loss_coef, ws.aux_dprob);
+    }
     if (train_aux) r.loss += c.text.router_aux_loss_coef * r.aux_loss;
   }
   ws.result_ = r;
@@ -410,9 +432,10 @@ void Model::backward(Workspace& ws, const BackwardOptions& options) {
     release(unit_ids_.token_embedding);
   }
 
+  // [E] shared by every MoE layer (pooled) or [MoE layers, E], a row per layer (per-layer aux loss).
   Tensor aux_dprob;
   if (ws.aux_dprob.defined()) {
-    aux_dprob = Tensor::empty(scratch, {c.text.num_experts}, dt);
+    aux_dprob = Tensor::empty(scratch, ws.aux_dprob.shape(), dt);
     copy(aux_dprob, ws.aux_dprob);
     dispatch_float(L, dt, [&](auto tag) {
       using T = decltype(tag);
@@ -420,13 +443,19 @@ void Model::backward(Workspace& ws, const BackwardOptions& options) {
       // Split experts: every tp rank adds the aux term to its partial router gradient, so each adds 1 / tp.
       const double split = tp_ && tp_layout().experts_split ? 1.0 / tp_->size() : 1.0;
       const double scale = (options.aux_scale >= 0 ? options.aux_scale : options.loss_scale) * split;
-      for (int64_t e = 0; e < c.text.num_experts; ++e) p[e] *= static_cast<T>(scale);
+      for (int64_t i = 0; i < aux_dprob.numel(); ++i) p[i] *= static_cast<T>(scale);
     });
   }
+  const bool aux_per_layer = aux_dprob.defined() && aux_dprob.ndim() == 2;
+  int64_t moe_layer = c.num_moe_layers();
   for (int l = c.text.num_hidden_layers - 1; l >= 0; --l) {
     if (static_cast<size_t>(l) < taps) gather_rows(d_deepstack[l], dh, ws.vis_pos);
+    if (text_w_.layers[l].moe) --moe_layer;
+    Tensor layer_aux = aux_dprob;
+    if (aux_per_layer)
+      layer_aux = text_w_.layers[l].moe ? aux_dprob.narrow(0, moe_layer, 1).view({c.text.num_experts}) : Tensor{};
     acquire(unit_ids_.text_layers[l]);
-    decoder_layer_backward(c, l, text_w_.layers[l], ws.ctx, ws.layers[l], dh, aux_dprob, text_g_.layers[l], scratch);
+    decoder_layer_backward(c, l, text_w_.layers[l], ws.ctx, ws.layers[l], dh, layer_aux, text_g_.layers[l], scratch);
     gradients_ready(unit_ids_.text_layers[l]);
     release(unit_ids_.text_layers[l]);
   }

@@ -65,6 +65,9 @@ struct BatchShape {
 
 struct ForwardOptions {
   bool aux_loss = true;  // add router_aux_loss_coef * aux_loss to `loss` (MoE models)
+  // aux_loss is the mean of each MoE layer's own balance loss (moe_aux_loss_per_layer) instead of HF's loss
+  // pooled over the layers (moe_aux_loss).
+  bool aux_per_layer = false;
   // Data parallelism: called with every MoE layer's routing statistics (counts, prob_sum, valid_tokens) before
   // the aux loss is computed, to sum them over ranks in place, so that the aux loss and its gradient are those
   // of the global batch (HF's load_balancing_loss_func over the concatenated batch). Unset: this batch alone.
@@ -161,6 +164,12 @@ class Model {
   bool expert_parallel() const { return exchange_ != nullptr; }
   const std::vector<ParamUnit>& units() const { return weights_.units(); }
 
+  // Aux-loss-free load balancing: gives every MoE layer a router score bias (MoeWeights::score_bias), rows of
+  // one f32 [num_moe_layers, E] tensor, zero at first. It is state, not a parameter: no gradient, not in
+  // weights(), so neither the optimizer nor FSDP nor the HF export see it; the caller updates it in place.
+  void enable_router_bias();
+  const Tensor& router_bias() const { return router_bias_; }  // undefined until enabled
+
  private:
   void acquire(int unit) const {
     if (hooks_) hooks_->acquire(unit);
@@ -180,6 +189,8 @@ class Model {
   TensorParallel* tp_ = nullptr;
   VisionTowerWeights vision_w_, vision_g_;
   TextWeights text_w_, text_g_;
+  std::vector<float> router_bias_storage_;
+  Tensor router_bias_;
 };
 
 }  // namespace q3vl

@@ -194,7 +194,7 @@ INSTANTIATE_TEST_SUITE_P(
                  {"train.yaml:5:3: unknown key 'optimizer.betas' (known: lr, min_lr, warmup_steps, decay, beta1, "
                   "beta2, eps, weight_decay, no_decay, grad_clip, lr_scale, freeze)"}},
         BadInput{"unknown_top", with("trian: {steps: 3}\n"), {},
-                 {"train.yaml:3:1: unknown key 'trian' (known: model, data, train, optimizer, logging, checkpoint, "
+                 {"train.yaml:3:1: unknown key 'trian' (known: model, data, train, optimizer, moe, logging, checkpoint, "
                   "export, parallel, output_dir)"}},
         BadInput{"unknown_lr_scale_module", with("optimizer: {lr_scale: {text: 2}}\n"), {},
                  {"unknown key 'optimizer.lr_scale.text' (known: vision_tower, mergers, language_model)"}},
@@ -282,6 +282,12 @@ INSTANTIATE_TEST_SUITE_P(
         BadInput{"logging_every_zero", with("logging: {every: 0}\n"), {}, {"logging.every: must be >= 1"}},
         BadInput{"expert_stats_negative", with("logging: {expert_stats_every: -1}\n"), {},
                  {"logging.expert_stats_every: must be >= 0"}},
+        BadInput{"moe_balance_unknown", with("moe: {balance: loss_free}\n"), {},
+                 {"moe.balance: expected one of aux, bias, aux+bias, got 'loss_free'"}},
+        BadInput{"moe_bias_rate_zero", with("moe: {balance: bias, bias_update_rate: 0}\n"), {},
+                 {"moe.bias_update_rate: must be > 0"}},
+        BadInput{"moe_aux_loss_unknown", with("moe: {aux_loss: layerwise}\n"), {},
+                 {"moe.aux_loss: expected one of pooled, per_layer, got 'layerwise'"}},
         BadInput{"peak_gflops_negative", with("logging: {peak_gflops: -1}\n"), {},
                  {"logging.peak_gflops: must be >= 0"}},
         BadInput{"checkpoint_every_negative", with("checkpoint: {every: -5}\n"), {},
@@ -418,7 +424,9 @@ TEST(TrainConfig, ToYamlWritesEveryFieldReadably) {
         "\n  min_lr: 0 ", "\n  warmup_steps: 0 ", "\n  decay: cosine ", "\n  beta1: 0.9 ", "\n  beta2: 0.95 ",
         "\n  eps: 1e-08 ", "\n  weight_decay: 0.1 ", "\n  no_decay: [norm, bias, embedding] ", "\n  grad_clip: 1 ",
         "\n  lr_scale:\n    vision_tower: 1 ", "\n    mergers: 1 ", "\n    language_model: 1 ", "\n  freeze: [] ",
-        "\nlogging:\n  every: 1 ", "\n  expert_stats_every: 10 ", "\n  peak_gflops: 0 ",
+        "\nmoe:\n  balance: aux ", "\n  bias_update_rate: 0.001 ", "\n  bias_centered: false ",
+        "\n  aux_loss: pooled ", "\nlogging:\n  every: 1 ", "\n  expert_stats_every: 10 ",
+        "\n  expert_health_every: 10 ", "\n  peak_gflops: 0 ",
         "\ncheckpoint:\n  every: 0 ", "\n  keep: 3 ", "\n  resume: auto ", "\nexport:\n  hf: true ",
         "\n  dtype: bf16 ", "\n  shard_mb: 4096 ", "\n  tokenizer: null ", "\noutput_dir: \""}) {
     EXPECT_NE(yaml.find(line), std::string::npos) << "missing '" << line << "' in\n" << yaml;

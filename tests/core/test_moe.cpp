@@ -1,11 +1,12 @@
 // MoE block: hand-computed routing, equality with an independent naive mixture (sparse and dense top-k = E),
-// tie order, finite-difference gradients of x and all parameters (with and without the pooled aux loss,
-// with padding), the aux loss against SPEC's formula, f32 against f64, determinism, arena sizing and
-// argument checks.
+// tie order, finite-difference gradients of x and all parameters (with and without the pooled or per-layer aux
+// loss, with padding, with a router score bias), the aux losses against SPEC's formula, the score bias choosing
+// but not weighting, the router entropy, f32 against f64, determinism, arena sizing and argument checks.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <string>
@@ -242,24 +243,36 @@ INSTANTIATE_TEST_SUITE_P(TopK, MoeReference,
 struct GradCase {
   int E, K;
   bool aux, padding;
+  bool per_layer = false;  // the per-layer aux loss instead of the pooled one
+  bool bias = false;       // a router score bias that changes the choice of experts
 };
+
+// A score bias of +-0.3 (probability units) on alternate experts: it reorders the top-k of most tokens.
+Tensor alternating_bias(int64_t E) {
+  Tensor b = Tensor::zeros(test_arena(), {E}, DType::f32);
+  for (int64_t e = 0; e < E; ++e) b.data<float>()[e] = e % 2 ? 0.3f : -0.3f;
+  return b;
+}
 
 class MoeGrad : public testing::TestWithParam<GradCase> {};
 
-// Two MoE layers (the aux loss pools them): loss = sum(yA * RA) + sum(yB * RB) + c * aux(statsA, statsB),
-// c = 0 without the aux term. Gradients of every input and parameter of layer A and of x and the router of
-// layer B (which see the pooled aux term) are checked by finite differences.
+// Two MoE layers (the aux loss pools them, or averages their own losses): loss = sum(yA * RA) + sum(yB * RB) +
+// c * aux(statsA, statsB), c = 0 without the aux term. Gradients of every input and parameter of layer A and of
+// x and the router of layer B (which see the aux term) are checked by finite differences. With per_layer, layer
+// B has no padding, so the two layers' token counts differ; with bias, both layers choose by probs + bias.
 TEST_P(MoeGrad, MatchesFiniteDifferences) {
   const GradCase gc = GetParam();
   const MoeConfig cfg{5, gc.E, gc.K, 3};
   const int64_t n = 7, H = 5;
   const double coef = gc.aux ? 0.5 : 0.0;
-  const uint64_t seed = 100 + 10 * gc.E + gc.K;
+  const uint64_t seed = 100 + 10 * gc.E + gc.K + (gc.bias ? 1000 : 0);
   MoeLayer la = make_layer(cfg, seed), lb = make_layer(cfg, seed + 3);
+  MoeWeights wa = la.weights(), wb = lb.weights();
+  if (gc.bias) wa.score_bias = wb.score_bias = alternating_bias(gc.E);
   Tensor xa = random_tensor({n, H}, seed + 6), xb = random_tensor({n, H}, seed + 7);
   Tensor ra = random_tensor({n, H}, seed + 8), rb = random_tensor({n, H}, seed + 9);
   Tensor va = gc.padding ? make_mask(n, {2, 5}, DType::u8) : Tensor{};
-  Tensor vb = gc.padding ? make_mask(n, {2, 5}, DType::i64) : Tensor{};
+  Tensor vb = gc.padding && !gc.per_layer ? make_mask(n, {2, 5}, DType::i64) : Tensor{};
   Tensor ya = zeros_tensor({n, H}), yb = zeros_tensor({n, H});
   MoeStats stats[2] = {make_stats(gc.E), make_stats(gc.E)};
   MoeSaved sa, sb;
@@ -268,22 +281,36 @@ TEST_P(MoeGrad, MatchesFiniteDifferences) {
   auto forward = [&] {
     arena_a.reset();
     arena_b.reset();
-    moe_forward(cfg, la.weights(), xa, va, arena_a, sa, ya, stats[0]);
-    moe_forward(cfg, lb.weights(), xb, vb, arena_b, sb, yb, stats[1]);
+    moe_forward(cfg, wa, xa, va, arena_a, sa, ya, stats[0]);
+    moe_forward(cfg, wb, xb, vb, arena_b, sb, yb, stats[1]);
+  };
+  auto aux = [&](const Tensor& dprob) {
+    return gc.per_layer ? moe_aux_loss_per_layer(gc.E, stats, coef, dprob) : moe_aux_loss(gc.E, stats, coef, dprob);
   };
   auto loss = [&] {
     forward();
-    return dot(ya, ra) + dot(yb, rb) + coef * moe_aux_loss(gc.E, stats, coef, Tensor{});
+    return dot(ya, ra) + dot(yb, rb) + coef * aux(Tensor{});
   };
   forward();
-  ASSERT_GT(topk_margin(sa, gc.K), kMinMargin);
-  ASSERT_GT(topk_margin(sb, gc.K), kMinMargin);
-  Tensor aux_dprob = gc.aux ? zeros_tensor({gc.E}) : Tensor{};
-  if (gc.aux) moe_aux_loss(gc.E, stats, coef, aux_dprob);
+  if (gc.bias) {
+    // The selection scores' gap (probability units): a 1e-6 step moves a probability by less than 1e-6.
+    ASSERT_GT(std::min(stats[0].min_margin, stats[1].min_margin), kMinMargin);
+  } else {
+    ASSERT_GT(topk_margin(sa, gc.K), kMinMargin);
+    ASSERT_GT(topk_margin(sb, gc.K), kMinMargin);
+  }
+  Tensor aux_dprob = gc.aux ? (gc.per_layer ? zeros_tensor({2, gc.E}) : zeros_tensor({gc.E})) : Tensor{};
+  if (gc.aux) aux(aux_dprob);
+  Tensor dprob_a = aux_dprob, dprob_b = aux_dprob;
+  if (gc.aux && gc.per_layer) {
+    dprob_a = aux_dprob.narrow(0, 0, 1).view({gc.E});
+    dprob_b = aux_dprob.narrow(0, 1, 1).view({gc.E});
+  }
   Tensor dxa = zeros_tensor({n, H}), dxb = zeros_tensor({n, H});
-  moe_backward(cfg, la.weights(), xa, va, sa, ra, aux_dprob, dxa, la.grads(), test_arena());
-  moe_backward(cfg, lb.weights(), xb, vb, sb, rb, aux_dprob, dxb, lb.grads(), test_arena());
-  const std::string name = std::string("moe") + (gc.aux ? "(aux)" : "") + (gc.padding ? "(padding)" : "");
+  moe_backward(cfg, wa, xa, va, sa, ra, dprob_a, dxa, la.grads(), test_arena());
+  moe_backward(cfg, wb, xb, vb, sb, rb, dprob_b, dxb, lb.grads(), test_arena());
+  const std::string name = std::string("moe") + (gc.aux ? (gc.per_layer ? "(per-layer aux)" : "(aux)") : "") +
+                           (gc.padding ? "(padding)" : "") + (gc.bias ? "(score bias)" : "");
   expect_gradients(name, loss,
                    {{"x", xa, dxa},
                     {"router", la.router, la.d_router},
@@ -297,11 +324,15 @@ INSTANTIATE_TEST_SUITE_P(Cases, MoeGrad,
                          testing::Values(GradCase{8, 1, false, false}, GradCase{8, 1, true, true},
                                          GradCase{8, 2, false, true}, GradCase{8, 2, true, false},
                                          GradCase{10, 2, true, true}, GradCase{8, 8, false, false},
-                                         GradCase{8, 8, true, true}, GradCase{10, 8, true, true}),
+                                         GradCase{8, 8, true, true}, GradCase{10, 8, true, true},
+                                         GradCase{8, 2, true, true, true}, GradCase{10, 3, true, false, true},
+                                         GradCase{8, 2, true, true, false, true},
+                                         GradCase{8, 2, true, true, true, true}),
                          [](const testing::TestParamInfo<GradCase>& info) {
                            const GradCase& c = info.param;
-                           return "E" + std::to_string(c.E) + "k" + std::to_string(c.K) + (c.aux ? "_aux" : "") +
-                                  (c.padding ? "_padding" : "");
+                           return "E" + std::to_string(c.E) + "k" + std::to_string(c.K) +
+                                  (c.aux ? (c.per_layer ? "_per_layer_aux" : "_aux") : "") +
+                                  (c.padding ? "_padding" : "") + (c.bias ? "_bias" : "");
                          });
 
 TEST(Moe, AuxLossMatchesSpecFormulaPooledOverLayers) {
@@ -349,6 +380,115 @@ TEST(Moe, AuxLossMatchesSpecFormulaPooledOverLayers) {
   MoeStats empty[1] = {make_stats(E)};
   EXPECT_EQ(moe_aux_loss(E, empty, coef, aux_dprob), 0.0);
   for (int64_t e = 0; e < E; ++e) EXPECT_EQ(aux_dprob.data<double>()[e], 0.0);
+}
+
+// The per-layer loss is the mean of each layer's own pooled loss (a one-layer pool), its gradient row l that
+// layer's pooled gradient / L; layers with different token counts, and a layer without real tokens counts 0.
+TEST(Moe, AuxLossPerLayerIsTheMeanOfTheLayersOwnLosses) {
+  const int64_t E = 8, K = 2, n = 9, H = 5;
+  const MoeConfig cfg{H, E, K, 3};
+  MoeLayer layers[3] = {make_layer(cfg, 50), make_layer(cfg, 53), make_layer(cfg, 56)};
+  const Tensor valid[3] = {make_mask(n, {0, 4, 8}, DType::u8), Tensor{},
+                           make_mask(n, {0, 1, 2, 3, 4, 5, 6, 7, 8}, DType::u8)};
+  MoeStats stats[3] = {make_stats(E), make_stats(E), make_stats(E)};
+  MoeSaved saved[3];
+  Arena arena("moe saved", 3 * moe_forward_arena_bytes(cfg, n, DType::f64));
+  for (int l = 0; l < 3; ++l) {
+    Tensor y = zeros_tensor({n, H});
+    moe_forward(cfg, layers[l].weights(), random_tensor({n, H}, 60 + l), valid[l], arena, saved[l], y, stats[l]);
+  }
+  EXPECT_EQ(stats[2].valid_tokens, 0);
+  const double coef = 0.25;
+  Tensor dprob = zeros_tensor({3, E});
+  const double aux = moe_aux_loss_per_layer(E, stats, coef, dprob);
+  double expect = 0;
+  for (int l = 0; l < 3; ++l) {
+    Tensor own = zeros_tensor({E});
+    expect += moe_aux_loss(E, std::span<const MoeStats>(stats + l, 1), coef, own) / 3;
+    for (int64_t e = 0; e < E; ++e)
+      EXPECT_NEAR(dprob.data<double>()[l * E + e], own.data<double>()[e] / 3, 1e-17) << "layer " << l << " expert " << e;
+  }
+  EXPECT_NEAR(aux, expect, 1e-15);
+  EXPECT_GT(aux, 0.0);
+  // Two layers collapsed onto different experts (4 experts, top-1, 4 tokens each at p = 0.7 on their expert):
+  // pooled they look half balanced (1.6, where 1 is balanced), each alone is collapsed (2.8).
+  MoeStats collapsed[2] = {make_stats(4), make_stats(4)};
+  for (int l = 0; l < 2; ++l) {
+    collapsed[l].valid_tokens = 4;
+    collapsed[l].counts.data<int64_t>()[l] = 4;
+    for (int64_t e = 0; e < 4; ++e) collapsed[l].prob_sum.data<double>()[e] = e == l ? 2.8 : 0.4;
+  }
+  EXPECT_NEAR(moe_aux_loss(4, collapsed, coef, Tensor{}), 1.6, 1e-15);
+  EXPECT_NEAR(moe_aux_loss_per_layer(4, collapsed, coef, Tensor{}), 2.8, 1e-15);
+  EXPECT_EQ(moe_aux_loss_per_layer(E, {}, coef, Tensor{}), 0.0);
+  expect_error([&] { moe_aux_loss_per_layer(E, stats, coef, zeros_tensor({E})); },
+               "moe_aux_loss_per_layer: aux_dprob has shape [8], expected [3,8]");
+}
+
+// The bias decides which experts a token gets; the weights stay the renormalised unbiased probabilities, the
+// stats count the biased choice, and the margin is the selection scores' gap.
+TEST(Moe, ScoreBiasChoosesTheExpertsButNotTheirWeights) {
+  const int64_t E = 6, K = 2, n = 5, H = 4;
+  const MoeConfig cfg{H, E, K, 3};
+  MoeLayer l = make_layer(cfg, 70);
+  MoeWeights w = l.weights();
+  w.score_bias = Tensor::zeros(test_arena(), {E}, DType::f32);
+  float* bias = w.score_bias.data<float>();
+  bias[4] = 2.0f;  // more than any probability: expert 4 always chosen, first
+  bias[1] = 1.5f;  // then expert 1
+  Tensor x = random_tensor({n, H}, 71), y = zeros_tensor({n, H});
+  MoeStats stats = make_stats(E);
+  MoeSaved saved;
+  Arena arena("moe saved", 2 * moe_forward_arena_bytes(cfg, n, DType::f64));
+  moe_forward(cfg, w, x, Tensor{}, arena, saved, y, stats);
+  double margin = std::numeric_limits<double>::infinity();
+  for (int64_t t = 0; t < n; ++t) {
+    const std::vector<double> p = naive_probs(l, x.data<double>() + t * H);
+    EXPECT_EQ(saved.topk_expert.data<int64_t>()[t * K], 4);
+    EXPECT_EQ(saved.topk_expert.data<int64_t>()[t * K + 1], 1);
+    EXPECT_NEAR(saved.topk_weight.data<double>()[t * K], p[4] / (p[4] + p[1]), 1e-15);
+    EXPECT_NEAR(saved.topk_weight.data<double>()[t * K + 1], p[1] / (p[4] + p[1]), 1e-15);
+    double left_out = 0;
+    for (int64_t e = 0; e < E; ++e)
+      if (e != 4 && e != 1) left_out = std::max(left_out, p[e]);
+    margin = std::min(margin, p[1] + 1.5 - left_out);
+  }
+  EXPECT_EQ(stats.counts.data<int64_t>()[4], n);
+  EXPECT_EQ(stats.counts.data<int64_t>()[1], n);
+  EXPECT_NEAR(stats.min_margin, margin, 1e-12);
+  // A zero bias chooses exactly like no bias.
+  fill(w.score_bias, 0.0);
+  Tensor y0 = zeros_tensor({n, H}), y1 = zeros_tensor({n, H});
+  MoeSaved s0, s1;
+  arena.reset();
+  moe_forward(cfg, w, x, Tensor{}, arena, s0, y0, stats);
+  moe_forward(cfg, l.weights(), x, Tensor{}, arena, s1, y1, stats);
+  EXPECT_EQ(std::memcmp(y0.raw(), y1.raw(), y0.nbytes()), 0);
+  w.score_bias = Tensor::zeros(test_arena(), {E}, DType::f64);
+  expect_error([&] { moe_forward(cfg, w, x, Tensor{}, arena, s0, y0, stats); },
+               "moe_forward: w.score_bias has dtype f64, expected f32");
+}
+
+// entropy_sum is -sum p log p over the real tokens.
+TEST(Moe, StatsSumTheRouterEntropyOfRealTokens) {
+  const int64_t E = 5, n = 6, H = 4;
+  const MoeConfig cfg{H, E, 2, 3};
+  MoeLayer l = make_layer(cfg, 80);
+  Tensor x = random_tensor({n, H}, 81), y = zeros_tensor({n, H});
+  MoeStats stats = make_stats(E);
+  MoeSaved saved;
+  Arena arena("moe saved", moe_forward_arena_bytes(cfg, n, DType::f64));
+  moe_forward(cfg, l.weights(), x, make_mask(n, {1, 4}, DType::u8), arena, saved, y, stats);
+  double expect = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    if (t == 1 || t == 4) continue;
+    for (const double p : naive_probs(l, x.data<double>() + t * H)) expect -= p * std::log(p);
+  }
+  EXPECT_NEAR(stats.entropy_sum, expect, 1e-13);
+  fill(l.router, 0.0);  // uniform routing: log E per token
+  arena.reset();
+  moe_forward(cfg, l.weights(), x, Tensor{}, arena, saved, y, stats);
+  EXPECT_NEAR(stats.entropy_sum, n * std::log(double(E)), 1e-13);
 }
 
 // Runs one forward + backward of `l` (f32 or f64) and returns y, dx and the three gradients in order.

@@ -288,6 +288,11 @@ TEST(GpuMoe, BadInputIsNamed) {
   expect_error([&] { moe_forward(cfg, wd, xd, Tensor(), saved_arena, saved, yd, stats); },
                "moe_forward: expert parallelism (cfg.exchange) is not supported on the CUDA device");
   cfg.exchange = nullptr;
+  MoeWeights biased = wd;
+  biased.score_bias = Tensor::zeros(host_arena(), {4}, DType::f32);
+  expect_error([&] { moe_forward(cfg, biased, xd, Tensor(), saved_arena, saved, yd, stats); },
+               "moe_forward: a router score bias (moe.balance: bias or aux+bias) is not supported on the CUDA device "
+               "yet");
   const MoeWeights mixed{host_random({4, 16}, 1), wd.gate_up, wd.down};
   expect_error([&] { moe_forward(cfg, mixed, xd, Tensor(), saved_arena, saved, yd, stats); },
                "moe_forward: w.router f32[4,16] is in host memory");

@@ -2,7 +2,8 @@
 // respect to sampled elements of EVERY parameter tensor against central finite differences. Perturbing
 // every element of the model would take hours, so each tensor contributes 3 elements at Philox-chosen
 // indices (all tensors together cover patch embed, position table, every vision block, both DeepStack
-// mergers, the final merger, embeddings, dense and MoE layers, the final norm and lm_head).
+// mergers, the final merger, embeddings, dense and MoE layers, the final norm and lm_head). Also the per-layer
+// aux loss (each MoE layer its own row of d aux / d probs) with a router score bias choosing the experts.
 #include <gtest/gtest.h>
 
 #include <string>
@@ -14,17 +15,24 @@ namespace {
 
 constexpr int kSamplesPerTensor = 3;
 
-void check_model_gradients(const std::string& name, const ModelConfig& config, TestBatch& tb) {
+// bias: the router score bias of every MoE layer, alternating +-bias over the experts (0: none).
+void check_model_gradients(const std::string& name, const ModelConfig& config, TestBatch& tb,
+                           const ForwardOptions& options = {}, float bias = 0) {
   Model model(config, DType::f64);
   fill_test_weights(model, 7);
+  if (bias != 0) {
+    model.enable_router_bias();
+    const Tensor& b = model.router_bias();
+    for (int64_t i = 0; i < b.numel(); ++i) b.data<float>()[i] = i % 2 ? bias : -bias;
+  }
   const Batch batch = tb.view(DType::f64);
   Workspace ws(model, BatchShape::of(batch));
   model.zero_grads();
-  const ForwardResult r = model.forward(batch, ws);
+  const ForwardResult r = model.forward(batch, ws, options);
   ASSERT_GT(r.ce_tokens, 0);
   model.backward(ws);
 
-  auto loss = [&] { return model.forward(batch, ws).loss; };
+  auto loss = [&] { return model.forward(batch, ws, options).loss; };
   std::vector<GradTarget> targets;
   const ParamStore& w = model.weights();
   const ParamStore& g = model.grads();
@@ -65,6 +73,13 @@ TEST(ModelGradients, TextOnlyPackedDocuments) {
   tb.labels = labels_for(tb.ids, {});
   tb.cu = {0, 5, 9, 14};
   check_model_gradients("model(moe, packed text)", tiny_config(true), tb);
+}
+
+TEST(ModelGradients, MoePerLayerAuxLossWithRouterBias) {
+  TestBatch tb = image_video_batch();
+  ForwardOptions options;
+  options.aux_per_layer = true;
+  check_model_gradients("model(moe, per-layer aux, router bias)", tiny_config(true), tb, options, 0.05f);
 }
 
 }  // namespace

@@ -14,6 +14,10 @@
 // experts in both; a token nearer a tie than the logits' summation noise may flip, which moves its whole
 // contribution to another expert's gradient. The margin check tells such a near-tie apart from a real mismatch.
 //
+// Runs with a router bias (moe.balance: bias | aux+bias, in trainer_state.json) must have equal biases, bit for
+// bit: the bias moves by +-rate from integer expert loads summed over all ranks, so any layout that routes every
+// token alike computes the same bias.
+//
 // q3vl_compare_runs RUN RUN --export-of-b: RUN's HF export (RUN/hf, f32) must hold exactly the parameters of
 // RUN's newest checkpoint (a sharded run gathers its export unit by unit).
 #include <cmath>
@@ -168,6 +172,14 @@ int main(int argc, char** argv) {
                 static_cast<long long>(ca->step), specs.size(), total, rtol, worst_param,
                 worst_key.empty() ? "" : " in ", worst_key.c_str(), 10 * rtol);
     ok = ok && total <= rtol && worst_param <= 10 * rtol;
+    const nlohmann::json sa = nlohmann::json::parse(ra.trainer_state_json()),
+                         sb = nlohmann::json::parse(rb.trainer_state_json());
+    if (sa.contains("router_bias") || sb.contains("router_bias")) {
+      const bool same =
+          sa.contains("router_bias") && sb.contains("router_bias") && sa["router_bias"] == sb["router_bias"];
+      std::printf("router bias: %s\n", same ? "equal" : "differs (or only one run has one)");
+      ok = ok && same;
+    }
     std::printf("%s\n", ok ? "equivalent" : "NOT equivalent");
     return ok ? 0 : 1;
   } catch (const std::exception& e) {

@@ -22,6 +22,7 @@
 
 #include <bit>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "core/device.h"
@@ -363,6 +364,7 @@ void forward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, const T
   }
   stats.valid_tokens = host[E + 1];
   stats.min_margin = std::bit_cast<double>(host[E + 4]);
+  stats.entropy_sum = std::numeric_limits<double>::quiet_NaN();  // not computed on the device yet
 
   gather_rows<T><<<blocks_for(pairs * H), kThreads, 0, stream>>>(pairs, H, K, sorted_pair, xp, rows);
   Q3VL_CUDA_LAUNCHED("gather_rows");
@@ -473,6 +475,8 @@ void backward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, const 
 void CudaLayersImpl::moe_forward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, const Tensor& valid,
                                  Arena& saved_arena, MoeSaved& saved, const Tensor& y, MoeStats& stats) const {
   const char* L = "moe_forward";
+  Q3VL_CHECK(!w.score_bias.defined(), L, ": a router score bias (moe.balance: bias or aux+bias) is not supported "
+             "on the CUDA device yet; use moe.balance: aux there");
   check_config(L, cfg);
   require_float_dtype(L, "x", x);
   const DType dt = x.dtype();
@@ -508,10 +512,7 @@ void CudaLayersImpl::moe_backward(const MoeConfig& cfg, const MoeWeights& w, con
   require_device(L, "grads.down", grads.down, grads.down.dtype(), {E, I, H});
   require_device(L, "dy", dy, dt, {n, H});
   if (dx.defined()) require_device(L, "dx", dx, dt, {n, H});
-  if (aux_dprob.defined()) {
-    require_grad_dtype(L, "aux_dprob", aux_dprob, dt);
-    require_device(L, "aux_dprob", aux_dprob, aux_dprob.dtype(), {E});
-  }
+  require_grad(L, "aux_dprob", aux_dprob, dt, {E});
   require_device(L, "saved.probs", saved.probs, DType::f32, {n, E});
   require_device(L, "saved.topk_expert", saved.topk_expert, DType::i64, {n, K});
   require_device(L, "saved.topk_weight", saved.topk_weight, DType::f32, {n, K});
