@@ -3,9 +3,14 @@
 # every `gpu` test with a GPU required (a skip fails), the same tests under compute-sanitizer's memcheck
 # (out-of-bounds and misaligned accesses, small shapes), then the per-layer benchmarks; full logs go to
 # LOG_DIR, and one table is printed last. Exit status: non-zero when a test fails.
-# Usage: jobs/gpu/check.sh [BUILD_DIR] [LOG_DIR]
+# Usage: jobs/gpu/check.sh [--no-bench] [BUILD_DIR] [LOG_DIR]
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
+bench=1
+if [ "${1:-}" = "--no-bench" ]; then
+  bench=0
+  shift
+fi
 dir=${1:-$root/build-gpu}
 logs=${2:-${OUT:-$root/build-gpu-logs}}
 mkdir -p "$logs"
@@ -29,10 +34,13 @@ if command -v compute-sanitizer > /dev/null; then
   grep -E 'ERROR SUMMARY|Invalid|FAILED' "$logs/memcheck.log" | head -20
 fi
 
-echo "== benchmarks"
-"$bin/q3vl_cuda_bench" --benchmark_out="$logs/bench.json" --benchmark_out_format=json > "$logs/bench.log" 2>&1
-bench_rc=$?
-tail -5 "$logs/bench.log"
+bench_rc=0
+if ((bench)); then
+  echo "== benchmarks"
+  "$bin/q3vl_cuda_bench" --benchmark_out="$logs/bench.json" --benchmark_out_format=json > "$logs/bench.log" 2>&1
+  bench_rc=$?
+  tail -5 "$logs/bench.log"
+fi
 
 python3 "$root/jobs/gpu/bench_table.py" "$logs/tests.xml" "$logs/bench.json"
 echo "tests rc=$tests_rc memcheck rc=$sanitizer_rc bench rc=$bench_rc"
