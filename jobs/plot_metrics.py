@@ -5,13 +5,16 @@ Usage: python3 jobs/plot_metrics.py RUN_DIR_OR_METRICS_JSONL [...] --out PNG
 
 Each argument is a run folder (the trainer's output_dir, holding metrics.jsonl) or a metrics.jsonl file. The
 PNG has one panel per quantity over optimizer steps: loss (and its cross-entropy part), aux loss, grad norm,
-learning rate, tokens/s, and the expert-load imbalance per MoE layer (max/mean tokens per expert, 1 = balanced)
-from the `expert_load` records the trainer writes every `logging.expert_stats_every` steps. Several runs overlay,
+learning rate, tokens/s, the expert-load imbalance per MoE layer (max/mean tokens per expert, 1 = balanced)
+from the `expert_load` records the trainer writes every `logging.expert_stats_every` steps, and the expert health
+per MoE layer (coefficient of variation of the loads, router entropy, dead experts) from the `expert_health`
+records of every `logging.expert_health_every` steps. Several runs overlay,
 labelled with their folder names. Next to the PNG goes PNG.json, listing the panels' titles and the runs; the
 titles are also in the PNG's metadata ("Description").
 
 Records read (app/trainer.cpp): "step" (loss, ce_loss, aux_loss, grad_norm, lr, tokens_per_s, skipped) and
-"expert_load" (layers: moe_layer, min, max, mean, std). Others ("start", "memory", "checkpoint", ...) are ignored.
+"expert_load" (layers: moe_layer, min, max, mean, std), "expert_health" (layers: moe_layer, cv, max_over_mean,
+dead_experts, router_entropy). Others ("start", "memory", "checkpoint", ...) are ignored.
 A resumed run repeats the steps after its checkpoint: the last record of a step wins.
 
 matplotlib comes from Debian's python3-matplotlib (jobs/setup.sh installs it): run this with /usr/bin/python3.
@@ -59,14 +62,15 @@ def metrics_file(arg):
 
 
 def read_run(path):
-    """Step and expert-load records of one metrics.jsonl, each keyed by step (the last record of a step wins)."""
+    """Step, expert-load and expert-health records of one metrics.jsonl, each keyed by step (the last record of a
+    step wins)."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
         fail(f"cannot read {path}: {e.strerror}")
     lines = text.split("\n")
-    steps, loads = {}, {}
+    steps, loads, health = {}, {}, {}
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -82,9 +86,11 @@ def read_run(path):
             steps[record["step"]] = record
         elif record.get("event") == "expert_load" and isinstance(record.get("layers"), list):
             loads[record["step"]] = record["layers"]
+        elif record.get("event") == "expert_health" and isinstance(record.get("layers"), list):
+            health[record["step"]] = record["layers"]
     if not steps:
         fail(f"{path} has no step records (\"event\": \"step\"): did the run train a step?")
-    return steps, loads
+    return steps, loads, health
 
 
 def run_labels(paths):
@@ -112,20 +118,67 @@ def series(steps, key):
     return xs, ys
 
 
-def imbalance_by_layer(loads):
-    """moe_layer -> (steps, max/mean) over the expert_load records."""
+def by_layer(records, value):
+    """moe_layer -> (steps, value(layer record)) over per-layer records; value returns None to skip a record."""
     out = {}
-    for step in sorted(loads):
-        for layer in loads[step]:
+    for step in sorted(records):
+        for layer in records[step]:
             try:
-                index, mx, mean = int(layer["moe_layer"]), float(layer["max"]), float(layer["mean"])
-            except (KeyError, TypeError, ValueError):
+                index, y = int(layer["moe_layer"]), value(layer)
+            except (KeyError, TypeError, ValueError, ZeroDivisionError):
                 continue
-            if mean > 0:
+            if y is not None:
                 xs, ys = out.setdefault(index, ([], []))
                 xs.append(step)
-                ys.append(mx / mean)
+                ys.append(y)
     return out
+
+
+def imbalance(layer):
+    mean = float(layer["mean"])
+    return float(layer["max"]) / mean if mean > 0 else None
+
+
+def draw_per_layer(plt, fig, ax, per_run, labels, styles, all_steps, reference, title, empty_title):
+    """One quantity per MoE layer over steps: one color per layer, one line style and marker per run. Returns the
+    panel's title (empty_title when no run recorded it)."""
+    from matplotlib.lines import Line2D
+    layers = sorted({layer for run in per_run for layer in run})
+    many = len(layers) > 10
+    cmap = plt.get_cmap("viridis" if many else "tab10")
+    color = {layer: cmap(i / max(1, len(layers) - 1)) if many else cmap(i % 10) for i, layer in enumerate(layers)}
+    markers = ["o", "s", "^", "D", "v", "P"]
+    for r, by_layer_run in enumerate(per_run):
+        for layer, (xs, ys) in sorted(by_layer_run.items()):
+            ax.plot(xs, ys, styles[r % len(styles)], color=color[layer], marker=markers[r % len(markers)],
+                    markersize=4 if len(xs) > 1 else 7, linewidth=1.3, alpha=0.85,
+                    fillstyle="full" if r == 0 else "none")  # runs that coincide stay visible
+    without = [labels[r] for r, by_layer_run in enumerate(per_run) if not by_layer_run]
+    if not layers:
+        title = empty_title
+        ax.text(0.5, 0.5, "not recorded in these runs", ha="center", va="center", transform=ax.transAxes)
+    else:
+        if without:
+            title += f"; none recorded in {', '.join(without)}"
+        if reference is not None:
+            ax.axhline(reference, color="gray", linewidth=0.8, linestyle=":")
+        handles = [] if many else [Line2D([], [], color=color[layer], label=f"layer {layer}") for layer in layers]
+        if len(per_run) > 1:
+            handles += [Line2D([], [], color="black", linestyle=styles[r % len(styles)], marker=markers[r % len(markers)],
+                               fillstyle="full" if r == 0 else "none", label=labels[r])
+                        for r in range(len(per_run)) if per_run[r]]
+        if handles:
+            ax.legend(handles=handles, fontsize=7, ncol=2 if len(handles) > 6 else 1)
+        if many:
+            sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(layers[0], layers[-1]))
+            fig.colorbar(sm, ax=ax, label="MoE layer")
+    if min(all_steps) < max(all_steps):  # the same step axis as the other panels
+        pad = 0.05 * (max(all_steps) - min(all_steps))
+        ax.set_xlim(min(all_steps) - pad, max(all_steps) + pad)
+    ax.set_title(title, fontsize=10 if len(title) > 60 else None)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    return title
 
 
 def save_png(fig, path, dpi, metadata):
@@ -173,12 +226,12 @@ def main():
         ("lr", "learning rate", [("lr", "-")], False),
         ("tokens_per_s", "tokens/s", [("tokens_per_s", "-")], False),
     ]
-    fig, axes = plt.subplots(3, 2, figsize=(12, 10.5), constrained_layout=True)
+    fig, axes = plt.subplots(4, 2, figsize=(12, 14), constrained_layout=True)
     axes = axes.ravel()
     titles = []
     for ax, (name, title, keys, log) in zip(axes, panels):
         drawn = False
-        for r, (steps, _) in enumerate(runs):
+        for r, (steps, _, _) in enumerate(runs):
             for key, style in keys:
                 xs, ys = series(steps, key)
                 if not xs:
@@ -189,7 +242,7 @@ def main():
         if not drawn:
             title += f": no '{keys[0][0]}' field in the step records"
         else:
-            values = [y for steps, _ in runs for y in series(steps, keys[0][0])[1]]
+            values = [y for steps, _, _ in runs for y in series(steps, keys[0][0])[1]]
             if log and min(values) > 0 and max(values) > 20 * min(values):  # spans decades: log scale
                 ax.set_yscale("log")
             else:
@@ -201,46 +254,25 @@ def main():
             ax.legend(fontsize=8)
         titles.append(title)
 
-    # Expert-load imbalance: one color per MoE layer, one line style and marker per run.
-    from matplotlib.lines import Line2D
-    ax = axes[len(panels)]
-    per_run = [imbalance_by_layer(loads) for _, loads in runs]
-    layers = sorted({layer for run in per_run for layer in run})
-    many = len(layers) > 10
-    cmap = plt.get_cmap("viridis" if many else "tab10")
-    color = {layer: cmap(i / max(1, len(layers) - 1)) if many else cmap(i % 10) for i, layer in enumerate(layers)}
-    markers = ["o", "s", "^", "D", "v", "P"]
-    for r, by_layer in enumerate(per_run):
-        for layer, (xs, ys) in sorted(by_layer.items()):
-            ax.plot(xs, ys, styles[r % len(styles)], color=color[layer], marker=markers[r % len(markers)],
-                    markersize=4 if len(xs) > 1 else 7, linewidth=1.3, alpha=0.85,
-                    fillstyle="full" if r == 0 else "none")  # runs that coincide stay visible
-    without = [labels[r] for r, by_layer in enumerate(per_run) if not by_layer]
-    if not layers:
-        title = "expert-load imbalance: none recorded (no expert_load records; set logging.expert_stats_every)"
-        ax.text(0.5, 0.5, "no expert_load records in these runs", ha="center", va="center", transform=ax.transAxes)
-    else:
-        title = "expert-load imbalance per MoE layer (max/mean tokens per expert)"
-        if without:
-            title += f"; none recorded in {', '.join(without)}"
-        ax.axhline(1.0, color="gray", linewidth=0.8, linestyle=":")
-        handles = [] if many else [Line2D([], [], color=color[layer], label=f"layer {layer}") for layer in layers]
-        if len(runs) > 1:
-            handles += [Line2D([], [], color="black", linestyle=styles[r % len(styles)], marker=markers[r % len(markers)],
-                               fillstyle="full" if r == 0 else "none", label=labels[r]) for r in range(len(runs)) if per_run[r]]
-        if handles:
-            ax.legend(handles=handles, fontsize=7, ncol=2 if len(handles) > 6 else 1)
-        if many:
-            sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(layers[0], layers[-1]))
-            fig.colorbar(sm, ax=ax, label="MoE layer")
-    all_steps = [step for steps, _ in runs for step in steps]
-    if min(all_steps) < max(all_steps):  # the same step axis as the other panels
-        pad = 0.05 * (max(all_steps) - min(all_steps))
-        ax.set_xlim(min(all_steps) - pad, max(all_steps) + pad)
-    ax.set_title(title, fontsize=10 if len(title) > 60 else None)
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-    titles.append(title)
+    all_steps = [step for steps, _, _ in runs for step in steps]
+    per_layer_panels = [
+        ([by_layer(loads, imbalance) for _, loads, _ in runs], 1.0,
+         "expert-load imbalance per MoE layer (max/mean tokens per expert)",
+         "expert-load imbalance: none recorded (no expert_load records; set logging.expert_stats_every)"),
+        ([by_layer(health, lambda l: float(l["cv"])) for _, _, health in runs], 0.0,
+         "expert health: coefficient of variation of the loads per MoE layer",
+         "expert health: none recorded (no expert_health records; set logging.expert_health_every)"),
+        ([by_layer(health, lambda l: float(l["router_entropy"])) for _, _, health in runs], None,
+         "router entropy per MoE layer (nats)",
+         "router entropy: none recorded (no expert_health records; set logging.expert_health_every)"),
+    ]
+    for i, (per_run, reference, title, empty_title) in enumerate(per_layer_panels):
+        if i == 2:
+            dead = max((int(l.get("dead_experts", 0)) for _, _, health in runs for layers in health.values()
+                        for l in layers if isinstance(l, dict)), default=0)
+            title += f"; at most {dead} dead experts"
+        titles.append(draw_per_layer(plt, fig, axes[len(panels) + i], per_run, labels, styles, all_steps, reference,
+                                     title, empty_title))
 
     fig.suptitle(args.title or "q3vl training: " + ", ".join(labels))
     out_dir = os.path.dirname(os.path.abspath(args.out))
@@ -255,8 +287,9 @@ def main():
         "png": os.path.basename(args.out),
         "panels": titles,
         "runs": [{"label": labels[r], "metrics": os.path.abspath(paths[r]), "step_records": len(steps),
-                  "first_step": min(steps), "last_step": max(steps), "expert_load_records": len(loads)}
-                 for r, (steps, loads) in enumerate(runs)],
+                  "first_step": min(steps), "last_step": max(steps), "expert_load_records": len(loads),
+                  "expert_health_records": len(health)}
+                 for r, (steps, loads, health) in enumerate(runs)],
     }
     with open(args.out + ".json", "w", encoding="utf-8") as f:
         json.dump(sidecar, f, indent=2)

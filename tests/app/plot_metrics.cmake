@@ -1,7 +1,7 @@
 # jobs/plot_metrics.py on a real run folder (run with cmake -P): it must write the PNG and its JSON sidecar
-# (PNG.json) listing the six panels and the run, put the panels' titles into the PNG's metadata, draw the expert
-# loads the run recorded (not "none recorded"), and fail with one line and exit status 1 on a missing file and on
-# a metrics.jsonl without step records.
+# (PNG.json) listing the eight panels and the run, put the panels' titles into the PNG's metadata, draw the expert
+# loads and expert health the run recorded (not "none recorded"), and fail with one line and exit status 1 on a
+# missing file and on a metrics.jsonl without step records.
 # Variables: PYTHON (Debian's /usr/bin/python3, with python3-matplotlib), SCRIPT, RUN_DIR, RUN_LABEL, WORK_DIR.
 cmake_minimum_required(VERSION 3.25)
 foreach(v PYTHON SCRIPT RUN_DIR RUN_LABEL WORK_DIR)
@@ -34,9 +34,10 @@ if(NOT signature STREQUAL "89504e470d0a1a0a")
   message(FATAL_ERROR "plot_metrics: ${png} is not a PNG (starts with ${signature})")
 endif()
 
-# The sidecar: the six panels in order (the expert-load one with data), and the run with its 5 steps.
+# The sidecar: the eight panels in order (the expert-load one with data), and the run with its 5 steps.
 file(READ ${png}.json sidecar)
-set(expected "loss" "aux loss" "grad norm" "learning rate" "tokens/s" "expert-load imbalance per MoE layer")
+set(expected "loss" "aux loss" "grad norm" "learning rate" "tokens/s" "expert-load imbalance per MoE layer"
+    "expert health: coefficient of variation" "router entropy per MoE layer")
 string(JSON panels LENGTH "${sidecar}" panels)
 list(LENGTH expected want)
 if(NOT panels EQUAL want)
@@ -60,7 +61,8 @@ string(JSON runs LENGTH "${sidecar}" runs)
 string(JSON label GET "${sidecar}" runs 0 label)
 string(JSON steps GET "${sidecar}" runs 0 step_records)
 string(JSON loads GET "${sidecar}" runs 0 expert_load_records)
-if(NOT runs EQUAL 1 OR NOT label STREQUAL RUN_LABEL OR steps LESS 1 OR loads LESS 1)
+string(JSON health GET "${sidecar}" runs 0 expert_health_records)
+if(NOT runs EQUAL 1 OR NOT label STREQUAL RUN_LABEL OR steps LESS 1 OR loads LESS 1 OR health LESS 1)
   message(FATAL_ERROR "plot_metrics: the sidecar's run is not ${RUN_LABEL} with steps and expert loads:\n${sidecar}")
 endif()
 
