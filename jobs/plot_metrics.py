@@ -270,7 +270,7 @@ def main():
         if i == 2:
             dead = max((int(l.get("dead_experts", 0)) for _, _, health in runs for layers in health.values()
                         for l in layers if isinstance(l, dict)), default=0)
-            title += f"; at most {dead} dead experts"
+            title += f", at most {dead} dead experts"
         titles.append(draw_per_layer(plt, fig, axes[len(panels) + i], per_run, labels, styles, all_steps, reference,
                                      title, empty_title))
 
