@@ -19,6 +19,7 @@
 #include <variant>
 
 #include "core/check.h"
+#include "core/checked_math.h"
 
 namespace q3vl::app {
 namespace {

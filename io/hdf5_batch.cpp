@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "core/check.h"
+#include "core/checked_math.h"
 
 namespace q3vl::io {
 

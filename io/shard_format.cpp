@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "core/checked_math.h"
 #include "io/io_version.h"
 
 namespace q3vl::io {

@@ -7,6 +7,7 @@
 #include <optional>
 #include <span>
 
+#include "core/checked_math.h"
 #include "core/layer_checks.h"
 #include "core/layers/cross_entropy.h"
 #include "core/layers/embedding.h"

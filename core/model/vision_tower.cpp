@@ -7,6 +7,7 @@
 #include <optional>
 #include <string>
 
+#include "core/checked_math.h"
 #include "core/layer_checks.h"
 #include "core/layers/activations.h"
 #include "core/layers/linear.h"
