@@ -43,4 +43,14 @@ void require(const char* layer, const char* name, const Tensor& t, DType dtype, 
   Q3VL_CHECK(t.is_contiguous(), layer, ": ", name, " ", t.str(), " is not contiguous");
 }
 
+void require_on(Device device, const char* layer, const char* name, const Tensor& t, DType dtype,
+                std::initializer_list<int64_t> expected) {
+  if (device == Device::cpu) return require(layer, name, t, dtype, expected);
+  Q3VL_CHECK(t.defined(), layer, ": ", name, " is missing");
+  require_dtype(layer, name, t, dtype);
+  require_shape(layer, name, t, expected);
+  Q3VL_CHECK(t.device() == device, layer, ": ", name, " ", t.str(), " is in host memory, but x is on the CUDA device");
+  Q3VL_CHECK(t.is_contiguous(), layer, ": ", name, " ", t.str(), " is not contiguous");
+}
+
 }  // namespace q3vl

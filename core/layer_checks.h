@@ -15,6 +15,10 @@ void require_shape(const char* layer, const char* name, const Tensor& t, std::in
 void require_dtype(const char* layer, const char* name, const Tensor& t, DType dtype);
 // Shape check plus dtype equal to `dtype` plus contiguous host memory: the usual argument contract.
 void require(const char* layer, const char* name, const Tensor& t, DType dtype, std::initializer_list<int64_t> expected);
+// `require` for a composite layer's tensor, which lives where its input lives: host memory (exactly `require`)
+// or the CUDA device, where the composite calls the device layers unchanged.
+void require_on(Device device, const char* layer, const char* name, const Tensor& t, DType dtype,
+                std::initializer_list<int64_t> expected);
 
 template <class F>
 decltype(auto) dispatch_float(const char* layer, DType dt, F&& f) {

@@ -90,18 +90,6 @@ void check_indices(const char* L, const Tensor& idx, int64_t rows) {
 // The merger's LayerNorm statistics: f32 under bf16 activations (the device layers keep them in f32).
 DType stat_dtype(DType dt) { return dt == DType::bf16 ? DType::f32 : dt; }
 
-// `require` for a merger tensor, which lives where x lives: host memory, or the CUDA device (where the merger
-// composes the device layers unchanged).
-void require_on(Device device, const char* L, const char* name, const Tensor& t, DType dt,
-                std::initializer_list<int64_t> shape) {
-  if (device == Device::cpu) return require(L, name, t, dt, shape);
-  Q3VL_CHECK(t.defined(), L, ": ", name, " is missing");
-  require_dtype(L, name, t, dt);
-  require_shape(L, name, t, shape);
-  Q3VL_CHECK(t.device() == device, L, ": ", name, " ", t.str(), " is in host memory, but x is on the CUDA device");
-  Q3VL_CHECK(t.is_contiguous(), L, ": ", name, " ", t.str(), " is not contiguous");
-}
-
 struct MergerDims {
   int64_t patches, tokens, norm_rows;
 };
