@@ -2,8 +2,11 @@
 #include "app/hf_export.h"
 
 #include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
 #include <unistd.h>
 
+#include "app/version.h"
 #include "core/check.h"
 #include "io/model_io.h"
 #include "io/safetensors.h"
@@ -43,6 +46,18 @@ void write_router_bias(const fs::path& file, const ModelConfig& config, const Te
   io::write_safetensors_file(file.string(), entries, DType::f32);
 }
 
+// Records which q3vl wrote the folder in its config.json ("q3vl_version", beside HF's "transformers_version";
+// transformers keeps unknown keys as attributes, and q3vl's reader accepts it).
+void stamp_producer(const std::string& config_path) {
+  std::ifstream in(config_path);
+  Q3VL_CHECK(in, "export: cannot read '", config_path, "'");
+  nlohmann::json config = nlohmann::json::parse(in);
+  config["q3vl_version"] = std::string(q3vl_version()) + " (git " + std::string(q3vl_git_commit()) + ")";
+  std::ofstream out(config_path, std::ios::trunc);
+  out << config.dump(2) << "\n";
+  Q3VL_CHECK(out.flush(), "export: cannot write '", config_path, "'");
+}
+
 }  // namespace
 
 void export_hf(const std::string& dir, const Model& model, const HfExportOptions& options) {
@@ -56,6 +71,7 @@ void export_hf(const std::string& dir, const Model& model, const HfExportOptions
     const io::WeightLookup whole = [&](const std::string& key) { return model.weights().at(key); };
     io::save_hf_checkpoint(tmp.string(), model.config(), options.lookup ? options.lookup : whole, options.dtype,
                            options.max_shard_bytes, options.before_write);
+    stamp_producer((tmp / "config.json").string());
     if (options.router_bias.defined()) write_router_bias(tmp / kRouterBiasFile, model.config(), options.router_bias);
     if (!options.tokenizer_dir.empty()) {
       const fs::path src(options.tokenizer_dir);

@@ -30,6 +30,7 @@
 #include "app/cli_args.h"
 #include "app/commands.h"
 #include "app/plan_memory.h"
+#include "core/human_units.h"
 #include "core/check.h"
 #include "core/model/flops.h"
 #include "core/model/model.h"
@@ -39,15 +40,6 @@
 namespace q3vl::app {
 
 namespace {
-
-std::string human_bytes(double b) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  int u = 0;
-  while (b >= 1024 && u < 4) { b /= 1024; ++u; }
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.2f %s", b, units[u]);
-  return buf;
-}
 
 struct Communication {
   int64_t allgather = 0, reduce_scatter = 0, alltoall = 0, tp_allreduce = 0, dp_allreduce = 0;

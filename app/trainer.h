@@ -42,6 +42,13 @@ class Comm;
 
 namespace q3vl::app {
 
+// Where a step's time went, in seconds: waiting for the loader; forward and backward of its micro-batches (the
+// collectives inside the model, FSDP gathers and expert exchanges, count there); the trainer's collectives (sums of
+// token counts, losses and gradients, the parameter all-gather); the optimizer (gradient norm, AdamW, router bias).
+struct StepPhases {
+  double data_s = 0, forward_s = 0, backward_s = 0, comm_s = 0, optimizer_s = 0;
+};
+
 struct StepRecord {
   int64_t step = 0;  // 1-based count of optimizer steps done
   double loss = 0, ce_loss = 0, aux_loss = 0, grad_norm = 0, lr = 0;
@@ -51,6 +58,7 @@ struct StepRecord {
   // The smallest routing margin of the step (MoeStats::min_margin over its micro-batches, MoE layers and data
   // ranks); infinity without MoE layers.
   double router_margin = std::numeric_limits<double>::infinity();
+  StepPhases phases;
 };
 
 struct TrainOutcome {

@@ -20,6 +20,7 @@
 #include "core/check.h"
 #include "io/hf_config.h"
 #include "io/train_checkpoint.h"
+#include "io/write_progress.h"
 
 namespace q3vl::io {
 
@@ -163,6 +164,7 @@ void SyncedFile::write(const void* data, size_t size) {
     if (n < 0) fail_errno("write", path_, errno);
     done += static_cast<size_t>(n);
   }
+  note_bytes_written(allowed);
   // The injected fault reads exactly like the kernel's ENOSPC, after the bytes that still fit.
   if (allowed < size) fail_errno("write", path_, ENOSPC);
 }

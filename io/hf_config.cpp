@@ -297,7 +297,7 @@ ModelConfig parse_hf_config(const std::string& json_text, const std::string& sou
                                     "\"] for model_type " + cfg.model_type);
   }
   accept_harmless(top);
-  top.accept({"transformers_version", "_name_or_path", "initializer_range"});
+  top.accept({"transformers_version", "q3vl_version", "_name_or_path", "initializer_range"});
 
   const json* text = top.find("text_config");
   const json* vision = top.find("vision_config");

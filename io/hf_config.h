@@ -14,7 +14,7 @@
 //
 // Unknown keys are errors naming the key path and the file. Accepted besides the fields ModelConfig
 // holds, because they do not change what the model computes (or are checked to their only supported value):
-//   top level:  architectures (must name the class of model_type), transformers_version, dtype,
+//   top level:  architectures (must name the class of model_type), transformers_version, q3vl_version (the q3vl that exported it), dtype,
 //               torch_dtype, _name_or_path, use_cache, bos/eos/pad_token_id, initializer_range
 //   text:       model_type (qwen3_vl_moe_text / qwen3_vl_text), dtype, torch_dtype, use_cache,
 //               bos/eos/pad_token_id, tie_word_embeddings (ignored, see above), attention_dropout (0 only),

@@ -13,6 +13,7 @@
 
 #include <unistd.h>
 
+#include "core/human_units.h"
 #include "io/io_version.h"
 
 namespace q3vl::io {
@@ -346,14 +347,23 @@ class Packer {
 };
 
 // Calls `chunk` with this rank's raw samples, options.chunk_samples at a time, in input order.
-void for_each_chunk(const PackOptions& options, const std::function<void(std::vector<RawSample>&)>& chunk) {
+// `chunk` gets each chunk of this rank's samples and the share of the input read so far (by bytes, over all files).
+void for_each_chunk(const PackOptions& options, const std::function<void(std::vector<RawSample>&, double)>& chunk) {
   std::vector<RawSample> batch;
   int64_t global_index = 0;
+  uint64_t total_bytes = 0, read_bytes = 0;
+  for (const std::string& file : options.inputs) {
+    std::error_code ec;
+    const uintmax_t size = fs::file_size(file, ec);
+    Q3VL_CHECK(!ec, "pack: cannot open input ", file, ": ", ec.message());
+    total_bytes += size;
+  }
+  const auto read_share = [&] { return total_bytes > 0 ? static_cast<double>(read_bytes) / static_cast<double>(total_bytes) : 1.0; };
   const auto take = [&](RawSample raw) {
     if (global_index++ % options.world != options.rank) return;
     batch.push_back(std::move(raw));
     if (static_cast<int>(batch.size()) >= std::max(1, options.chunk_samples)) {
-      chunk(batch);
+      chunk(batch, read_share());
       batch.clear();
     }
   };
@@ -366,6 +376,7 @@ void for_each_chunk(const PackOptions& options, const std::function<void(std::ve
       int64_t line_no = 0;
       while (std::getline(in, line)) {
         ++line_no;
+        read_bytes += line.size() + 1;
         if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
         take(RawSample{static_cast<int64_t>(f), line_no, std::move(line), std::nullopt});
       }
@@ -377,11 +388,15 @@ void for_each_chunk(const PackOptions& options, const std::function<void(std::ve
         Q3VL_FAIL("pack: input ", file, " is not valid JSON (a JSON array of samples, or use .jsonl): ", e.what());
       }
       Q3VL_CHECK(all.is_array(), "pack: input ", file, " must hold a JSON array of samples");
-      for (size_t i = 0; i < all.size(); ++i)
+      const uint64_t file_bytes = fs::file_size(file), before = read_bytes;
+      for (size_t i = 0; i < all.size(); ++i) {
+        read_bytes = before + file_bytes * (i + 1) / all.size();
         take(RawSample{static_cast<int64_t>(f), static_cast<int64_t>(i), {}, std::move(all[i])});
+      }
+      read_bytes = before + file_bytes;
     }
   }
-  if (!batch.empty()) chunk(batch);
+  if (!batch.empty()) chunk(batch, read_share());
 }
 
 }  // namespace
@@ -398,7 +413,7 @@ RankResult pack_rank(const PackOptions& options, const Tokenizer& tokenizer, con
   RankResult result;
   result.summary.token_budget = options.token_budget;
   Packer packer(options, tokenizer_hash, result);
-  for_each_chunk(options, [&](std::vector<RawSample>& chunk) {
+  for_each_chunk(options, [&](std::vector<RawSample>& chunk, double read_share) {
     std::vector<PreparedSample> prepared(chunk.size());
     std::vector<std::string> errors(chunk.size());
 #pragma omp parallel for schedule(dynamic, 1)
@@ -425,9 +440,13 @@ RankResult pack_rank(const PackOptions& options, const Tokenizer& tokenizer, con
     }
     if (options.progress) {
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      char share[16];
+      std::snprintf(share, sizeof share, "%.1f%%", 100.0 * read_share);
       *options.progress << "pack: rank " << options.rank << ": " << result.summary.samples_in << " samples, "
                         << result.summary.samples_packed << " packed, " << result.summary.skipped_total()
-                        << " skipped, " << result.summary.samples_in / std::max(secs, 1e-9) << " samples/s\n";
+                        << " skipped, " << result.summary.samples_in / std::max(secs, 1e-9) << " samples/s, "
+                        << share << " of the input read, ETA "
+                        << (read_share > 0 ? human_duration(secs * (1.0 - read_share) / read_share) : "?") << "\n";
     }
   });
   packer.finish();

@@ -20,6 +20,7 @@
 
 #include "core/check.h"
 #include "io/float16.h"
+#include "io/write_progress.h"
 
 namespace q3vl::io {
 
@@ -561,6 +562,7 @@ void write_safetensors_file(const std::string& path, const std::vector<StWriteEn
   write_atomically(path, [&](std::ofstream& out) {
     emit_file(plan, dtype, [&](const void* data, size_t size) {
       out.write(static_cast<const char*>(data), static_cast<std::streamsize>(size));
+      note_bytes_written(size);
     });
   });
 }

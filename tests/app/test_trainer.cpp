@@ -12,12 +12,14 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <regex>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
 
 #include "app/train_config.h"
 #include "app/trainer.h"
+#include "app/version.h"
 #include "core/cpu_peak.h"
 #include "io/hf_config.h"
 #include "io/image.h"
@@ -344,6 +346,57 @@ TEST_F(TrainerTest, ExportsAnHfFolderThatLoadsBack) {
   const std::vector<float> wa = weights_of(t.model()), wb = weights_of(*loaded);
   ASSERT_EQ(wa.size(), wb.size());
   EXPECT_EQ(std::memcmp(wa.data(), wb.data(), wa.size() * sizeof(float)), 0);
+}
+
+// Every metrics record carries its wall-clock time, the start record and the saved state name the q3vl that ran,
+// every progress line starts with the time, and a step's phases are disjoint parts of it.
+TEST_F(TrainerTest, RecordsCarryTimeVersionAndStepPhases) {
+  pack_captions(tmp / "data", 4, 256);
+  TrainConfig c = base_config(tmp / "data/packed", tmp / "run");
+  c.train.steps = 2;
+  c.export_.hf = true;
+  c.export_.dtype = "f32";
+  Trainer t(c, log);
+  t.run();
+  const std::string version = std::string(q3vl_version()), commit = std::string(q3vl_git_commit());
+  ASSERT_FALSE(version.empty());
+  ASSERT_FALSE(commit.empty());
+  const std::regex utc(R"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z)");
+  std::istringstream metrics(test::read_all(tmp / "run/metrics.jsonl"));
+  int steps = 0, starts = 0;
+  for (std::string line; std::getline(metrics, line);) {
+    const nlohmann::json j = nlohmann::json::parse(line);
+    ASSERT_TRUE(j.contains("time")) << line;
+    EXPECT_TRUE(std::regex_match(j.at("time").get<std::string>(), utc)) << line;
+    if (j.at("event") == "start") {
+      ++starts;
+      EXPECT_EQ(j.at("q3vl_version"), version);
+      EXPECT_EQ(j.at("git_commit"), commit);
+    }
+    if (j.at("event") != "step") continue;
+    ++steps;
+    double phases = 0;
+    for (const char* key : {"data_s", "forward_s", "backward_s", "comm_s", "optimizer_s"}) {
+      const double v = j.at(key).get<double>();
+      EXPECT_GE(v, 0.0) << key << " in " << line;
+      phases += v;
+    }
+    EXPECT_GT(j.at("forward_s").get<double>(), 0.0) << line;
+    EXPECT_GT(j.at("backward_s").get<double>(), 0.0) << line;
+    // Disjoint intervals of the step: their sum is at most the step's time (up to the rounding of the sums).
+    EXPECT_LE(phases, j.at("step_s").get<double>() * (1 + 1e-9)) << line;
+  }
+  EXPECT_EQ(starts, 1);
+  EXPECT_EQ(steps, 2);
+  const std::regex local(R"(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} .*)");
+  std::istringstream lines(log.str());
+  for (std::string line; std::getline(lines, line);) EXPECT_TRUE(std::regex_match(line, local)) << line;
+  EXPECT_NE(log.str().find(" (data "), std::string::npos) << log.str();
+  const nlohmann::json state = nlohmann::json::parse(test::read_all(tmp / "run/checkpoints/step-00000002/trainer_state.json"));
+  EXPECT_EQ(state.at("q3vl_version"), version);
+  EXPECT_EQ(state.at("git_commit"), commit);
+  const nlohmann::json exported = nlohmann::json::parse(test::read_all(tmp / "run/hf/config.json"));
+  EXPECT_EQ(exported.at("q3vl_version"), version + " (git " + commit + ")");
 }
 
 // A tiny-moe checkpoint whose routers send almost every token to experts 0 and 1 of every MoE layer: every token
