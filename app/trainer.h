@@ -14,14 +14,17 @@
 // own sequences). The CE normaliser and the MoE routing statistics (so the aux loss is the global batch's) are
 // summed over ranks, so a run on R ranks with one sequence each computes the loss and update of one rank with R
 // sequences, up to fp32 summation order.
-// - fsdp = ep = 1 (data parallelism only): every rank holds the whole model; gradients are reduce-scattered and
+// - fsdp = ep = tp = 1 (data parallelism only): every rank holds the whole model; gradients are reduce-scattered and
 //   AdamW is sharded over the ranks (ZeRO-1), updated chunks all-gathered; rank 0 writes whole-tensor checkpoints.
-// - fsdp x ep > 1: parameters, gradients and AdamW state are sharded (parallel/sharded_params.h, ZeRO-3, units
+// - fsdp x ep x tp > 1: parameters, gradients and AdamW state are sharded (parallel/sharded_params.h, ZeRO-3, units
 //   gathered inside the model's forward and backward), the experts split over ep ranks with token exchange
 //   (core/layers/moe.h); the ranks of replica 0 write their pieces into a sharded checkpoint; the HF export
 //   is gathered unit by unit while rank 0 writes it.
+// - tp > 1: each tensor-parallel group shares its sequences and splits the attention heads, MLP columns and (without
+//   expert parallelism) the experts' columns (core/model/tp_layout.h); replicated tensors whose gradients are partial
+//   sums over the group are all-reduced over it.
 // Any checkpoint resumes in any layout (io/sharded_checkpoint.h reads element ranges of either format).
-// parallel.tp above 1 is refused until tensor parallelism exists.
+// The trainer's parts live in trainer*.cpp around one shared state (trainer_impl.h).
 #pragma once
 
 #include <atomic>
