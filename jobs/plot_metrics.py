@@ -5,14 +5,16 @@ Usage: python3 jobs/plot_metrics.py RUN_DIR_OR_METRICS_JSONL [...] --out PNG
 
 Each argument is a run folder (the trainer's output_dir, holding metrics.jsonl) or a metrics.jsonl file. The
 PNG has one panel per quantity over optimizer steps: loss (and its cross-entropy part), aux loss, grad norm,
-learning rate, tokens/s, the expert-load imbalance per MoE layer (max/mean tokens per expert, 1 = balanced)
+learning rate, tokens/s, the step's time by phase (data wait, forward, backward, communication, optimizer), the
+expert-load imbalance per MoE layer (max/mean tokens per expert, 1 = balanced)
 from the `expert_load` records the trainer writes every `logging.expert_stats_every` steps, and the expert health
 per MoE layer (coefficient of variation of the loads, router entropy, dead experts) from the `expert_health`
 records of every `logging.expert_health_every` steps. Several runs overlay,
 labelled with their folder names. Next to the PNG goes PNG.json, listing the panels' titles and the runs; the
 titles are also in the PNG's metadata ("Description").
 
-Records read (app/trainer.cpp): "step" (loss, ce_loss, aux_loss, grad_norm, lr, tokens_per_s, skipped) and
+Records read (app/trainer_log.cpp): "step" (loss, ce_loss, aux_loss, grad_norm, lr, tokens_per_s, skipped, data_s,
+forward_s, backward_s, comm_s, optimizer_s) and
 "expert_load" (layers: moe_layer, min, max, mean, std), "expert_health" (layers: moe_layer, cv, max_over_mean,
 dead_experts, router_entropy). Others ("start", "memory", "checkpoint", ...) are ignored.
 A resumed run repeats the steps after its checkpoint: the last record of a step wins.
@@ -134,6 +136,33 @@ def by_layer(records, value):
     return out
 
 
+PHASES = [("data_s", "data"), ("forward_s", "forward"), ("backward_s", "backward"), ("comm_s", "comm"),
+          ("optimizer_s", "optimizer")]
+
+
+def draw_phases(ax, runs, labels, styles, colors):
+    """Seconds per step in each phase: a color per phase, a line style per run. Returns the panel's title."""
+    title = "step time by phase (s): data, forward, backward, comm, optimizer"
+    drawn = False
+    for r, (steps, _, _) in enumerate(runs):
+        for p, (key, name) in enumerate(PHASES):
+            xs, ys = series(steps, key)
+            if not xs:
+                continue
+            ax.plot(xs, ys, styles[r % len(styles)], color=colors[p % len(colors)], linewidth=1.3,
+                    marker="o" if len(xs) < 20 else None, markersize=3,
+                    label=name if len(runs) == 1 else f"{name} ({labels[r]})")
+            drawn = True
+    if not drawn:
+        title += ": no 'forward_s' field in the step records (a run before the phase split)"
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=7)
+    return title
+
+
 def imbalance(layer):
     mean = float(layer["mean"])
     return float(layer["max"]) / mean if mean > 0 else None
@@ -226,7 +255,7 @@ def main():
         ("lr", "learning rate", [("lr", "-")], False),
         ("tokens_per_s", "tokens/s", [("tokens_per_s", "-")], False),
     ]
-    fig, axes = plt.subplots(4, 2, figsize=(12, 14), constrained_layout=True)
+    fig, axes = plt.subplots(3, 3, figsize=(18, 12), constrained_layout=True)
     axes = axes.ravel()
     titles = []
     for ax, (name, title, keys, log) in zip(axes, panels):
@@ -253,6 +282,7 @@ def main():
         if drawn:
             ax.legend(fontsize=8)
         titles.append(title)
+    titles.append(draw_phases(axes[len(panels)], runs, labels, styles, colors))
 
     all_steps = [step for steps, _, _ in runs for step in steps]
     per_layer_panels = [
@@ -271,7 +301,7 @@ def main():
             dead = max((int(l.get("dead_experts", 0)) for _, _, health in runs for layers in health.values()
                         for l in layers if isinstance(l, dict)), default=0)
             title += f", at most {dead} dead experts"
-        titles.append(draw_per_layer(plt, fig, axes[len(panels) + i], per_run, labels, styles, all_steps, reference,
+        titles.append(draw_per_layer(plt, fig, axes[len(panels) + 1 + i], per_run, labels, styles, all_steps, reference,
                                      title, empty_title))
 
     fig.suptitle(args.title or "q3vl training: " + ", ".join(labels))

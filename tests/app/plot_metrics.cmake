@@ -1,5 +1,5 @@
 # jobs/plot_metrics.py on a real run folder (run with cmake -P): it must write the PNG and its JSON sidecar
-# (PNG.json) listing the eight panels and the run, put the panels' titles into the PNG's metadata, draw the expert
+# (PNG.json) listing the nine panels and the run, put the panels' titles into the PNG's metadata, draw the expert
 # loads and expert health the run recorded (not "none recorded"), and fail with one line and exit status 1 on a
 # missing file and on a metrics.jsonl without step records.
 # Variables: PYTHON (Debian's /usr/bin/python3, with python3-matplotlib), SCRIPT, RUN_DIR, RUN_LABEL, WORK_DIR.
@@ -34,9 +34,10 @@ if(NOT signature STREQUAL "89504e470d0a1a0a")
   message(FATAL_ERROR "plot_metrics: ${png} is not a PNG (starts with ${signature})")
 endif()
 
-# The sidecar: the eight panels in order (the expert-load one with data), and the run with its 5 steps.
+# The sidecar: the nine panels in order (the expert-load one with data), and the run with its 5 steps.
 file(READ ${png}.json sidecar)
-set(expected "loss" "aux loss" "grad norm" "learning rate" "tokens/s" "expert-load imbalance per MoE layer"
+set(expected "loss" "aux loss" "grad norm" "learning rate" "tokens/s" "step time by phase"
+    "expert-load imbalance per MoE layer"
     "expert health: coefficient of variation" "router entropy per MoE layer")
 string(JSON panels LENGTH "${sidecar}" panels)
 list(LENGTH expected want)
