@@ -438,7 +438,9 @@ void check_values(const TrainConfig& c, const std::function<std::string(const st
               "must be <= optimizer.lr (" + format_number(o.lr) + "), got " + format_number(o.min_lr));
   at_least("optimizer.warmup_steps", static_cast<double>(o.warmup_steps), 0);
   fail_unless(o.warmup_steps <= c.train.steps, "optimizer.warmup_steps",
-              "must be <= train.steps (" + std::to_string(c.train.steps) + "), got " + std::to_string(o.warmup_steps));
+              "must be <= train.steps (" + std::to_string(c.train.steps) + "), got " + std::to_string(o.warmup_steps) +
+                  "; hint: the run is shorter than its warmup, lower it with --set optimizer.warmup_steps=N or "
+                  "lengthen the run with --set train.steps=N");
   one_of("optimizer.decay", o.decay, {"cosine", "linear", "constant"});
   for (const auto& [key, beta] : {std::pair{"optimizer.beta1", o.beta1}, std::pair{"optimizer.beta2", o.beta2}}) {
     fail_unless(beta >= 0 && beta < 1, key, "must be in [0, 1), got " + format_number(beta));
@@ -573,6 +575,14 @@ TrainConfig TrainConfig::parse(const std::string& yaml_text, const std::string& 
 
 void TrainConfig::validate(const std::string& source_name) const {
   check_values(*this, [&](const std::string&) { return source_name; });
+}
+
+std::vector<std::string> TrainConfig::hints() const {
+  std::vector<std::string> out;
+  if (optimizer.warmup_steps > 0 && optimizer.warmup_steps == train.steps && optimizer.decay != "constant")
+    out.push_back("optimizer.warmup_steps = train.steps = " + std::to_string(train.steps) +
+                  ": the whole run is warmup and the learning rate never decays (lower optimizer.warmup_steps)");
+  return out;
 }
 
 std::string TrainConfig::to_yaml() const {

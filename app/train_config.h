@@ -190,6 +190,8 @@ struct TrainConfig {
                            const std::vector<std::string>& overrides = {}, const std::string& base_dir = ".");
   // Every field, defaults included, as YAML that parse() reads back to an equal config.
   std::string to_yaml() const;
+  // Warnings about a valid but probably unintended config (q3vl train prints them), e.g. a run that is all warmup.
+  std::vector<std::string> hints() const;
   // The value checks parse() runs after the overrides, for a config built in code; errors name the key
   // and `source_name`.
   void validate(const std::string& source_name = "train config") const;
