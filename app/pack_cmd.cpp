@@ -121,7 +121,7 @@ int run_pack(const std::vector<std::string>& args) {
   options.world = static_cast<int>(world);
   const bool manual_ranks = rank_opt->count() + world_opt->count() + merge_opt->count() > 0;
   tokenizer_path = io::resolve_tokenizer_file(tokenizer_path, "--tokenizer");
-  Q3VL_CHECK(video.fps > 0, "pack: --fps must be positive, got ", video.fps);
+  if (!(video.fps > 0)) throw UsageError("--fps expects a positive number, got " + std::to_string(video.fps));
   const io::MediaDecoder media = io::default_media_decoder(image_size, video);
   std::optional<parallel::MpiSession> mpi;
   if (parallel::MpiSession::launched_by_mpirun()) mpi.emplace();
