@@ -8,11 +8,12 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 
-#include "app/cli_args.h"
+#include "app/cli.h"
 #include "app/commands.h"
 #include "app/hf_export.h"
 #include "core/check.h"
 #include "io/model_io.h"
+#include "io/tokenizer_path.h"
 #include "io/train_checkpoint.h"
 
 namespace q3vl::app {
@@ -20,8 +21,17 @@ namespace q3vl::app {
 namespace fs = std::filesystem;
 
 int run_convert(const std::vector<std::string>& args) {
-  const CliArgs a(args, "convert", {"--checkpoint", "--out", "--dtype", "--shard-mb", "--tokenizer"}, {});
-  std::string dir = a.required("--checkpoint");
+  auto cli = make_command("convert", "A training checkpoint (a step-NNNNNNNN folder, or a run's output folder: its "
+                                    "newest complete checkpoint) to a Hugging Face model folder.");
+  std::string dir, out, dtype = "bf16", tokenizer;
+  int64_t shard_mb = 4096;
+  cli->add_option("--checkpoint", dir, "checkpoint folder, or a run's output folder")->required();
+  cli->add_option("--out", out, "Hugging Face folder to write")->required();
+  cli->add_option("--dtype", dtype, "weights' dtype in the export")->check(CLI::IsMember({"bf16", "f16", "f32"}))
+      ->capture_default_str();
+  add_int_option(*cli, "--shard-mb", shard_mb, 1, "safetensors shard size in MiB");
+  cli->add_option("--tokenizer", tokenizer, "tokenizer.json or its folder: its tokenizer files are copied into the export");
+  if (const auto done = parse_command(*cli, args)) return *done;
   if (!fs::exists(fs::path(dir) / "COMPLETE")) {
     const auto latest = io::latest_complete_checkpoint((fs::path(dir) / "checkpoints").string());
     Q3VL_CHECK(latest.has_value(), "convert: '", dir,
@@ -29,13 +39,10 @@ int run_convert(const std::vector<std::string>& args) {
     dir = latest->path;
   }
   HfExportOptions options;
-  const std::string dtype = a.get("--dtype", "bf16");
-  Q3VL_CHECK(dtype == "bf16" || dtype == "f16" || dtype == "f32", "convert: --dtype is bf16, f16 or f32, got '", dtype, "'");
   options.dtype = dtype == "bf16" ? DType::bf16 : dtype == "f16" ? DType::f16 : DType::f32;
-  options.max_shard_bytes = static_cast<uint64_t>(a.get_int("--shard-mb", 4096, 1)) << 20;
-  options.tokenizer_dir = a.get("--tokenizer", "");
+  options.max_shard_bytes = static_cast<uint64_t>(shard_mb) << 20;
+  if (!tokenizer.empty()) options.tokenizer_dir = io::resolve_tokenizer_dir(tokenizer, "--tokenizer");
   const auto model = io::load_hf_model((fs::path(dir) / "model").string());
-  const std::string out = a.required("--out");
   std::ifstream state_file(fs::path(dir) / "trainer_state.json");
   const nlohmann::json state = nlohmann::json::parse(state_file, nullptr, false);
   Q3VL_CHECK(!state.is_discarded(), "convert: '", dir, "/trainer_state.json' is missing or not valid JSON");

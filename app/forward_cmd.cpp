@@ -10,7 +10,7 @@
 #include <cstdio>
 #include <string>
 
-#include "app/cli_args.h"
+#include "app/cli.h"
 #include "app/commands.h"
 #include "io/hdf5_batch.h"
 #include "io/model_io.h"
@@ -42,8 +42,13 @@ std::string json_number(double v) {
 }  // namespace
 
 int run_forward(const std::vector<std::string>& args) {
-  const CliArgs a(args, "forward", {"--model", "--batch", "--out"}, {});
-  const std::string model_dir = a.required("--model"), batch_path = a.required("--batch"), out_path = a.required("--out");
+  auto cli = make_command("forward", "One fp32 forward pass of a Hugging Face Qwen3-VL(-MoE) checkpoint on a batch: "
+                                    "logits, and the loss and aux_loss when the batch has labels.");
+  std::string model_dir, batch_path, out_path;
+  cli->add_option("--model", model_dir, "Hugging Face model folder (config.json + safetensors)")->required();
+  cli->add_option("--batch", batch_path, "HDF5 batch in HF's forward-argument layout")->required();
+  cli->add_option("--out", out_path, "HDF5 file to write logits (and loss, aux_loss) to")->required();
+  if (const auto done = parse_command(*cli, args)) return *done;
   const auto t0 = std::chrono::steady_clock::now();
   auto model = io::load_hf_model(model_dir);
   check_weights_finite(*model, model_dir);

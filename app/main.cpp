@@ -1,11 +1,11 @@
-// q3vl command-line entry point: dispatches subcommands and turns errors into a message and exit code 1.
+// q3vl command-line entry point: global options (--version, --debug, --help), then the subcommand, whose
+// errors become one line and an exit code (app/cli.h: 0 ok, 1 runtime error, 2 usage error).
 // `pack` and `tokenize` live in the q3vl-pack program beside this one (pack_main.cpp): q3vl links no media
 // library (FFmpeg, image codecs, PCRE2, ICU; io/CMakeLists.txt), so it runs on nodes that lack them, and
 // `q3vl pack ...` replaces this process with `q3vl-pack pack ...` (exec keeps the environment, so under
 // mpirun/srun the ranks become q3vl-pack ranks).
 #include <cerrno>
 #include <cstring>
-#include <exception>
 #include <filesystem>
 #include <iostream>
 #include <string>
@@ -14,10 +14,31 @@
 
 #include <unistd.h>
 
+#include "app/cli.h"
 #include "app/commands.h"
 #include "app/simd.h"  // linking it brings in the start-up instruction-set check, which runs before main
+#include "app/version.h"
 
 namespace {
+
+constexpr const char* kCommands =
+    "Commands (q3vl COMMAND --help for each one's options):\n"
+    "  train CONFIG.yaml [--set key.path=value ...] [--print-config] [--dry-run]\n"
+    "        train (the YAML schema: docs/config.md; examples: jobs/configs/)\n"
+    "  convert --checkpoint DIR --out HF_DIR [--dtype bf16|f16|f32] [--shard-mb MB] [--tokenizer FILE_OR_DIR]\n"
+    "        a training checkpoint -> a Hugging Face model folder\n"
+    "  selfcheck [--steps N] [--tokens N]\n"
+    "        train a tiny MoE layer stack for N SGD steps, with timings\n"
+    "  forward --model HF_DIR --batch IN.h5 --out OUT.h5\n"
+    "        fp32 forward: logits, loss, aux_loss\n"
+    "  plan --model FLAVOR_OR_DIR [--tokens N] [--seq-len S] [--images N] [--patches-per-image P]\n"
+    "       [--dp N] [--fsdp N] [--ep N] [--tp N]\n"
+    "        parameters, FLOPs, per-rank memory and communication of a layout\n"
+    "  pack --input FILE.json[l] [--input ...] --tokenizer FILE_OR_DIR --out DIR [--overwrite] [...]\n"
+    "        pack samples into HDF5 shards (runs q3vl-pack)\n"
+    "  tokenize --tokenizer FILE_OR_DIR [--decode]\n"
+    "        text on stdin -> JSON ids, or back (runs q3vl-pack)\n"
+    "Errors: exit 1 (runtime) or 2 (usage); Q3VL_DEBUG=1 or --debug adds their source location.\n";
 
 // Runs `q3vl-pack CMD ARGS...` from the folder of the running q3vl in place of this process; returns only on
 // failure, with a message naming the path it expected.
@@ -25,15 +46,15 @@ int exec_q3vl_pack(const std::string& cmd, const std::vector<std::string>& args)
   std::error_code ec;
   const std::filesystem::path self = std::filesystem::read_symlink("/proc/self/exe", ec);
   if (ec) {
-    std::cerr << "q3vl: error: " << cmd << " runs the q3vl-pack program beside q3vl, but /proc/self/exe cannot be read ("
+    std::cerr << "q3vl " << cmd << ": runs the q3vl-pack program beside q3vl, but /proc/self/exe cannot be read ("
               << ec.message() << ")\n";
-    return 1;
+    return q3vl::app::kExitRuntimeError;
   }
   const std::string pack = (self.parent_path() / "q3vl-pack").string();
   if (::access(pack.c_str(), X_OK) != 0) {
-    std::cerr << "q3vl: error: " << cmd << " runs the q3vl-pack program, expected at " << pack << " ("
-              << std::strerror(errno) << "); build it beside q3vl (cmake --build BUILD_DIR --target q3vl-pack)\n";
-    return 1;
+    std::cerr << "q3vl " << cmd << ": runs the q3vl-pack program, expected at " << pack << " (" << std::strerror(errno)
+              << "); build it beside q3vl (cmake --build BUILD_DIR --target q3vl-pack)\n";
+    return q3vl::app::kExitRuntimeError;
   }
   std::vector<std::string> strings{pack, cmd};
   strings.insert(strings.end(), args.begin(), args.end());
@@ -42,40 +63,54 @@ int exec_q3vl_pack(const std::string& cmd, const std::vector<std::string>& args)
   argv.push_back(nullptr);
   std::cout.flush();
   ::execv(pack.c_str(), argv.data());
-  std::cerr << "q3vl: error: cannot run " << pack << ": " << std::strerror(errno) << "\n";
-  return 1;
+  std::cerr << "q3vl " << cmd << ": cannot run " << pack << ": " << std::strerror(errno) << "\n";
+  return q3vl::app::kExitRuntimeError;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::vector<std::string> args(argv + 1, argv + argc);
-  if (args.empty() || args[0] == "--help" || args[0] == "-h") {
-    std::cout << "usage: q3vl <command> [options]\n"
-                 "commands:\n"
-                 "  train CONFIG.yaml [--set key=value ...]   train (config: app/train_config.h, jobs/configs/)\n"
-                 "  convert --checkpoint DIR --out HF_DIR [--dtype bf16] [--tokenizer DIR]   checkpoint -> HF folder\n"
-                 "  selfcheck [--steps N] [--tokens N]   train a tiny MoE layer stack for N SGD steps (default 20), with timings\n"
-                 "  forward --model HF_DIR --batch IN.h5 --out OUT.h5   fp32 forward: logits, loss, aux_loss\n"
-                 "  plan --model FLAVOR_OR_DIR [--tokens N] [--seq-len S] [--patches-per-image P]   sizes, FLOPs, memory\n"
-                 "  pack --input F --tokenizer T --out DIR [...]   pack samples into HDF5 shards (runs q3vl-pack)\n"
-                 "  tokenize --tokenizer tokenizer.json [--decode]   text on stdin -> JSON ids (or back; runs q3vl-pack)\n"
-                 "built for: " << q3vl::app::simd_summary() << "\n";
-    return args.empty() ? 1 : 0;
-  }
+  namespace app = q3vl::app;
+  CLI::App cli("q3vl: trains Qwen3-VL(-MoE) from its Hugging Face checkpoint (built for " +
+                   q3vl::app::simd_summary() + ")",
+               "q3vl");
+  cli.footer(kCommands);
+  cli.set_version_flag("--version", std::string("q3vl ") + std::string(q3vl::q3vl_version()) + " (git " +
+                                        std::string(q3vl::q3vl_git_commit()) + ")");
+  cli.add_flag_callback("--debug", app::enable_debug, "name the source location of errors, let library logs through");
+  // Everything from the command's name on is the command's own.
+  cli.prefix_command();
   try {
-    const std::string cmd = args[0];
-    args.erase(args.begin());
-    if (cmd == "train") return q3vl::app::run_train(args);
-    if (cmd == "convert") return q3vl::app::run_convert(args);
-    if (cmd == "selfcheck") return q3vl::app::run_selfcheck(args);
-    if (cmd == "forward") return q3vl::app::run_forward(args);
-    if (cmd == "plan") return q3vl::app::run_plan(args);
-    if (cmd == "pack" || cmd == "tokenize") return exec_q3vl_pack(cmd, args);
-    std::cerr << "q3vl: unknown command '" << cmd << "' (see q3vl --help)\n";
-    return 1;
-  } catch (const std::exception& e) {
-    std::cerr << "q3vl: error: " << e.what() << "\n";
-    return 1;
+    cli.parse(argc, argv);
+  } catch (const CLI::CallForHelp&) {
+    std::cout << cli.help();
+    return app::kExitOk;
+  } catch (const CLI::Success& e) {
+    return cli.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::cerr << "q3vl: " << e.what() << " (see q3vl --help)\n";
+    return app::kExitUsageError;
   }
+  std::vector<std::string> args = cli.remaining();
+  if (args.empty()) {
+    std::cerr << "q3vl: a command is required (see q3vl --help)\n";
+    return app::kExitUsageError;
+  }
+  const std::string cmd = args.front();
+  args.erase(args.begin());
+  if (cmd == "pack" || cmd == "tokenize") return exec_q3vl_pack(cmd, args);
+  const auto command = [&]() -> int (*)(const std::vector<std::string>&) {
+    if (cmd == "train") return app::run_train;
+    if (cmd == "convert") return app::run_convert;
+    if (cmd == "selfcheck") return app::run_selfcheck;
+    if (cmd == "forward") return app::run_forward;
+    if (cmd == "plan") return app::run_plan;
+    return nullptr;
+  }();
+  if (command == nullptr) {
+    std::cerr << "q3vl: " << (cmd.rfind('-', 0) == 0 ? "unknown option '" : "unknown command '") << cmd
+              << "' (see q3vl --help)\n";
+    return app::kExitUsageError;
+  }
+  return app::run_command("q3vl", cmd, [&] { return command(args); });
 }

@@ -17,12 +17,15 @@
 #include <system_error>
 #include <vector>
 
+#include "app/cli.h"
+#include "app/commands.h"
 #include "core/check.h"
 #include "io/image_resize.h"
 #include "io/media_decoder.h"
 #include "io/packer.h"
 #include "io/shard_format.h"
 #include "io/tokenizer.h"
+#include "io/tokenizer_path.h"
 #include "io/video.h"
 #include "parallel/mpi_comm.h"
 
@@ -32,36 +35,10 @@ namespace q3vl::app {
 
 namespace {
 
-constexpr const char* kUsage =
-    "usage: q3vl pack --input FILE.json[l] [--input ...] --tokenizer tokenizer.json --out DIR\n"
-    "                 [--mode chat|caption] [--max-len TOKENS (8192)] [--shard-mb MB (256)]\n"
-    "                 [--min-pixels N (65536)] [--max-pixels N (16777216)] [--open-sequences N (64)]\n"
-    "                 [--fps F (2)] [--video-max-pixels N (25165824, over all frames of a video)]\n"
-    "                 [--rank R --world W] [--merge --world W] [--overwrite] [--quiet]\n"
-    "       --out must be absent or empty unless --overwrite (which replaces only an earlier pack)\n"
-    "       under mpirun/srun the ranks share the work and rank 0 writes the manifest (no --rank/--world/--merge)";
-
-int64_t parse_int(const std::string& flag, const std::string& value) {
-  try {
-    size_t used = 0;
-    const long long v = std::stoll(value, &used);
-    Q3VL_CHECK(used == value.size(), "pack: ", flag, " takes an integer, got '", value, "'");
-    return v;
-  } catch (const std::logic_error&) {
-    Q3VL_FAIL("pack: ", flag, " takes an integer, got '", value, "'");
-  }
-}
-
-double parse_double(const std::string& flag, const std::string& value) {
-  try {
-    size_t used = 0;
-    const double v = std::stod(value, &used);
-    Q3VL_CHECK(used == value.size(), "pack: ", flag, " takes a number, got '", value, "'");
-    return v;
-  } catch (const std::logic_error&) {
-    Q3VL_FAIL("pack: ", flag, " takes a number, got '", value, "'");
-  }
-}
+constexpr const char* kNotes =
+    "--out must be absent or empty unless --overwrite (which replaces only an earlier pack).\n"
+    "Under mpirun/srun the ranks share the work and rank 0 writes the manifest (no --rank/--world/--merge);\n"
+    "without MPI, run one process per --rank R --world W, then one --merge --world W.\n";
 
 // Rank 0 checks --out and creates the staging folder named after its process id, which it broadcasts; every
 // rank packs its slice into that folder; rank 0 gathers the ranks' results, writes the manifest, renames the
@@ -108,49 +85,43 @@ int pack_with_mpi(parallel::Comm& world, io::PackOptions options, const std::str
 
 int run_pack(const std::vector<std::string>& args) {
   io::PackOptions options;
-  std::string tokenizer_path;
+  std::string tokenizer_path, mode = "chat";
   io::ImageSizeOptions image_size;
   io::VideoOptions video;
-  bool merge = false, quiet = false, manual_ranks = false;
-  for (size_t i = 0; i < args.size(); ++i) {
-    const std::string& a = args[i];
-    const auto value = [&]() -> const std::string& {
-      Q3VL_CHECK(i + 1 < args.size(), "pack: ", a, " needs a value\n", kUsage);
-      return args[++i];
-    };
-    if (a == "--input") options.inputs.push_back(value());
-    else if (a == "--tokenizer") tokenizer_path = value();
-    else if (a == "--out") options.out_dir = value();
-    else if (a == "--mode") {
-      const std::string& m = value();
-      Q3VL_CHECK(m == "chat" || m == "caption", "pack: --mode is chat or caption, got '", m, "'");
-      options.mode = m == "chat" ? io::PackMode::chat : io::PackMode::caption;
-    } else if (a == "--max-len") options.token_budget = parse_int(a, value());
-    else if (a == "--shard-mb") options.shard_bytes = parse_int(a, value()) << 20;
-    else if (a == "--min-pixels") image_size.min_pixels = parse_int(a, value());
-    else if (a == "--max-pixels") image_size.max_pixels = parse_int(a, value());
-    else if (a == "--fps") video.fps = parse_double(a, value());
-    else if (a == "--video-max-pixels") video.max_pixels = parse_int(a, value());
-    else if (a == "--open-sequences") options.open_sequences = static_cast<int>(parse_int(a, value()));
-    else if (a == "--rank" || a == "--world") {
-      (a == "--rank" ? options.rank : options.world) = static_cast<int>(parse_int(a, value()));
-      manual_ranks = true;
-    } else if (a == "--merge") merge = manual_ranks = true;
-    else if (a == "--overwrite") options.overwrite = true;
-    else if (a == "--quiet") quiet = true;
-    else if (a == "--help" || a == "-h") {
-      std::cout << kUsage << "\n";
-      return 0;
-    } else {
-      std::cerr << "pack: unexpected argument '" << a << "'\n" << kUsage << "\n";
-      return 2;
-    }
-  }
-  if (options.inputs.empty() || tokenizer_path.empty() || options.out_dir.empty()) {
-    std::cerr << "pack: --input, --tokenizer and --out are required\n" << kUsage << "\n";
-    return 2;
-  }
-  Q3VL_CHECK(video.fps > 0, "pack: --fps must be positive, got ", video.fps);
+  bool merge = false, quiet = false;
+  int64_t max_len = options.token_budget, shard_mb = options.shard_bytes >> 20, open_sequences = options.open_sequences;
+  int64_t rank = options.rank, world = options.world;
+  auto cli = make_command("pack", "Packs messages-format JSON / JSON-lines samples into HDF5 shards and a manifest.json "
+                                 "(io/shard_format.md), with progress and a summary.");
+  cli->footer(kNotes);
+  cli->add_option("--input", options.inputs, "samples: a JSON array (.json) or JSON lines (.jsonl); repeatable")
+      ->required()->allow_extra_args(false);
+  cli->add_option("--tokenizer", tokenizer_path, "tokenizer.json or the folder holding it")->required();
+  cli->add_option("--out", options.out_dir, "output folder")->required();
+  cli->add_option("--mode", mode, "chat (messages) or caption")->check(CLI::IsMember({"chat", "caption"}))
+      ->capture_default_str();
+  add_int_option(*cli, "--max-len", max_len, 1, "tokens per packed sequence");
+  add_int_option(*cli, "--shard-mb", shard_mb, 1, "shard size in MiB");
+  add_int_option(*cli, "--min-pixels", image_size.min_pixels, 1, "smallest image area after resizing");
+  add_int_option(*cli, "--max-pixels", image_size.max_pixels, 1, "largest image area after resizing");
+  add_int_option(*cli, "--open-sequences", open_sequences, 1, "sequences filled at once");
+  add_number_option(*cli, "--fps", video.fps, "video frames sampled per second");
+  add_int_option(*cli, "--video-max-pixels", video.max_pixels, 1, "pixels over all frames of a video");
+  CLI::Option* rank_opt = add_int_option(*cli, "--rank", rank, 0, "this process's slice (without MPI)");
+  CLI::Option* world_opt = add_int_option(*cli, "--world", world, 1, "processes sharing the work (without MPI)");
+  CLI::Option* merge_opt = cli->add_flag("--merge", merge, "write the manifest of the --world W parts (without MPI)");
+  cli->add_flag("--overwrite", options.overwrite, "replace an earlier pack in --out");
+  cli->add_flag("--quiet", quiet, "no progress lines");
+  if (const auto done = parse_command(*cli, args)) return *done;
+  options.mode = mode == "chat" ? io::PackMode::chat : io::PackMode::caption;
+  options.token_budget = max_len;
+  options.shard_bytes = shard_mb << 20;
+  options.open_sequences = static_cast<int>(open_sequences);
+  options.rank = static_cast<int>(rank);
+  options.world = static_cast<int>(world);
+  const bool manual_ranks = rank_opt->count() + world_opt->count() + merge_opt->count() > 0;
+  tokenizer_path = io::resolve_tokenizer_file(tokenizer_path, "--tokenizer");
+  if (!(video.fps > 0)) throw UsageError("--fps expects a positive number, got " + std::to_string(video.fps));
   const io::MediaDecoder media = io::default_media_decoder(image_size, video);
   std::optional<parallel::MpiSession> mpi;
   if (parallel::MpiSession::launched_by_mpirun()) mpi.emplace();

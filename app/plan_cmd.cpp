@@ -27,7 +27,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "app/cli_args.h"
+#include "app/cli.h"
 #include "app/commands.h"
 #include "app/plan_memory.h"
 #include "core/human_units.h"
@@ -65,21 +65,23 @@ void print_row(const char* what, int64_t bytes) {
 }  // namespace
 
 int run_plan(const std::vector<std::string>& args) {
-  const CliArgs a(args, "plan",
-                  {"--model", "--tokens", "--seq-len", "--images", "--patches-per-image", "--dp", "--fsdp", "--ep",
-                   "--tp"},
-                  {});
-  const std::string name = a.required("--model");
-  const ModelConfig c = io::load_model_config(name);
-  const int64_t tokens = a.get_int("--tokens", 4096, 1);
-  const int64_t seq = a.get_int("--seq-len", tokens, 1);
-  const int64_t images = a.get_int("--images", 0, 0);
-  const int64_t patches = a.get_int("--patches-per-image", 1024, 4);
+  auto cli = make_command("plan", "Parameter counts, training FLOPs per token and per image patch, and the per-rank "
+                                 "memory and communication of a parallel layout (world = dp x fsdp x ep x tp).");
+  std::string name;
+  int64_t tokens = 4096, seq = 0, images = 0, patches = 1024;
   PlanLayoutArgs l;
-  l.dp = a.get_int("--dp", 1, 1);
-  l.fsdp = a.get_int("--fsdp", 1, 1);
-  l.ep = a.get_int("--ep", 1, 1);
-  l.tp = a.get_int("--tp", 1, 1);
+  cli->add_option("--model", name, "a jobs/flavors name, a config.json or an HF model folder")->required();
+  add_int_option(*cli, "--tokens", tokens, 1, "tokens of a rank's micro-batch (image tokens included)");
+  add_int_option(*cli, "--seq-len", seq, 1, "sequence length for the attention FLOPs")->default_str("--tokens");
+  add_int_option(*cli, "--images", images, 0, "images in the micro-batch");
+  add_int_option(*cli, "--patches-per-image", patches, 4, "patches of each image");
+  add_int_option(*cli, "--dp", l.dp, 1, "data-parallel replicas");
+  add_int_option(*cli, "--fsdp", l.fsdp, 1, "FSDP shard degree");
+  add_int_option(*cli, "--ep", l.ep, 1, "expert-parallel degree");
+  add_int_option(*cli, "--tp", l.tp, 1, "tensor-parallel degree");
+  if (const auto done = parse_command(*cli, args)) return *done;
+  if (seq == 0) seq = tokens;
+  const ModelConfig c = io::load_model_config(name);
   check_plan_layout(c, l);
 
   const int64_t merge_unit = c.vision.merge_unit();

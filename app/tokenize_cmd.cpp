@@ -7,9 +7,11 @@
 #include <string>
 #include <vector>
 
-#include "app/cli_args.h"
+#include "app/cli.h"
+#include "app/commands.h"
 #include "core/check.h"
 #include "io/tokenizer.h"
+#include "io/tokenizer_path.h"
 
 namespace q3vl::app {
 
@@ -66,9 +68,14 @@ std::vector<int32_t> parse_id_array(const std::string& text) {
 }  // namespace
 
 int run_tokenize(const std::vector<std::string>& args) {
-  const CliArgs cli(args, "tokenize", {"--tokenizer"}, {"--decode"});
-  const io::Tokenizer tokenizer = io::Tokenizer::load(cli.required("--tokenizer"));
-  const bool decode = cli.has("--decode");
+  auto cli = make_command("tokenize", "Encodes the text on standard input and prints its ids as a JSON array; with "
+                                     "--decode, reads a JSON array of ids and prints their text exactly.");
+  std::string tokenizer_path;
+  bool decode = false;
+  cli->add_option("--tokenizer", tokenizer_path, "tokenizer.json or the folder holding it")->required();
+  cli->add_flag("--decode", decode, "ids on stdin -> text");
+  if (const auto done = parse_command(*cli, args)) return *done;
+  const io::Tokenizer tokenizer = io::Tokenizer::load(io::resolve_tokenizer_file(tokenizer_path, "--tokenizer"));
   const std::string input = read_stdin();
   if (decode) {
     const std::string text = tokenizer.decode(parse_id_array(input));

@@ -20,6 +20,7 @@
 
 #include "core/check.h"
 #include "core/checked_math.h"
+#include "io/tokenizer_path.h"
 
 namespace q3vl::app {
 namespace {
@@ -101,7 +102,8 @@ std::vector<Field> fields_of(TrainConfig& c) {
       {"export.hf", &c.export_.hf, "HF model folder at the end (output_dir/hf)"},
       {"export.dtype", &c.export_.dtype, "f32 | bf16 | f16"},
       {"export.shard_mb", &c.export_.shard_mb, "safetensors shard size in MiB"},
-      {"export.tokenizer", &c.export_.tokenizer, "folder whose tokenizer files go into the export", Resolve::path},
+      {"export.tokenizer", &c.export_.tokenizer, "tokenizer.json or its folder: its tokenizer files go into the export",
+       Resolve::path},
       {"parallel.dp", &c.parallel.dp, "data-parallel replicas (each holds the same shards)"},
       {"parallel.fsdp", &c.parallel.fsdp, "FSDP shard degree (with ep: parameters sharded over fsdp x ep ranks, experts over fsdp)"},
       {"parallel.tp", &c.parallel.tp, "tensor-parallel degree"},
@@ -438,7 +440,9 @@ void check_values(const TrainConfig& c, const std::function<std::string(const st
               "must be <= optimizer.lr (" + format_number(o.lr) + "), got " + format_number(o.min_lr));
   at_least("optimizer.warmup_steps", static_cast<double>(o.warmup_steps), 0);
   fail_unless(o.warmup_steps <= c.train.steps, "optimizer.warmup_steps",
-              "must be <= train.steps (" + std::to_string(c.train.steps) + "), got " + std::to_string(o.warmup_steps));
+              "must be <= train.steps (" + std::to_string(c.train.steps) + "), got " + std::to_string(o.warmup_steps) +
+                  "; hint: the run is shorter than its warmup, lower it with --set optimizer.warmup_steps=N or "
+                  "lengthen the run with --set train.steps=N");
   one_of("optimizer.decay", o.decay, {"cosine", "linear", "constant"});
   for (const auto& [key, beta] : {std::pair{"optimizer.beta1", o.beta1}, std::pair{"optimizer.beta2", o.beta2}}) {
     fail_unless(beta >= 0 && beta < 1, key, "must be in [0, 1), got " + format_number(beta));
@@ -563,6 +567,10 @@ TrainConfig TrainConfig::parse(const std::string& yaml_text, const std::string& 
   reader.apply_document(docs.empty() ? YAML::Node() : docs[0], file);
   for (const std::string& o : overrides) reader.apply_override(o);
   if (reader.origin("output_dir").empty()) config.output_dir = resolve_path(config.output_dir, fs::current_path());
+  // export.tokenizer names the tokenizer files' folder; a tokenizer.json given instead stands for its folder. A path
+  // that does not exist yet is left for the trainer to report.
+  if (config.export_.tokenizer && fs::is_regular_file(*config.export_.tokenizer))
+    config.export_.tokenizer = io::resolve_tokenizer_dir(*config.export_.tokenizer, "export.tokenizer");
 
   check_values(config, [&](const std::string& key) {
     const std::string at = reader.origin(key);
@@ -573,6 +581,14 @@ TrainConfig TrainConfig::parse(const std::string& yaml_text, const std::string& 
 
 void TrainConfig::validate(const std::string& source_name) const {
   check_values(*this, [&](const std::string&) { return source_name; });
+}
+
+std::vector<std::string> TrainConfig::hints() const {
+  std::vector<std::string> out;
+  if (optimizer.warmup_steps > 0 && optimizer.warmup_steps == train.steps && optimizer.decay != "constant")
+    out.push_back("optimizer.warmup_steps = train.steps = " + std::to_string(train.steps) +
+                  ": the whole run is warmup and the learning rate never decays (lower optimizer.warmup_steps)");
+  return out;
 }
 
 std::string TrainConfig::to_yaml() const {

@@ -61,14 +61,16 @@
 //     hf: true                  # HF folder at the end (out/hf)
 //     dtype: bf16               # f32 | bf16 | f16
 //     shard_mb: 4096
-//     tokenizer: null           # folder whose tokenizer files are copied into the export
-//   parallel:                   # world size = dp x fsdp x tp (mpirun -n / srun --ntasks)
-//     dp: 1
-//     fsdp: 1
-//     tp: 1
-//     ep: 1
+//     tokenizer: null           # tokenizer.json or its folder, whose tokenizer files are copied into the export
+//   parallel:                   # world size = dp x fsdp x ep x tp (mpirun -n / srun --ntasks)
+//     dp: 1                     # data-parallel replicas
+//     fsdp: 1                   # FSDP shard degree
+//     tp: 1                     # tensor-parallel degree
+//     ep: 1                     # expert-parallel degree (must divide the number of experts)
 //     step_timeout_s: 1800      # watchdog: no progress for this long ends every rank (0: off)
 //   output_dir: out/run
+//
+// docs/config.md is the user's page of this schema; `q3vl train --print-config` prints it with every default.
 #pragma once
 
 #include <cstdint>
@@ -160,9 +162,10 @@ struct ExportSection {
   bool operator==(const ExportSection&) const = default;
 };
 
-// The process grid (world size = dp x fsdp x tp; experts split over ep ranks inside fsdp x tp). Ranks of one
-// dp x fsdp group each read their own sequences (data parallelism); the trainer runs dp > 1 now and refuses
-// fsdp, tp or ep above 1 at start until sharding, tensor and expert parallelism exist (issue 6).
+// The process grid (parallel/process_grid.h): world size = dp x fsdp x ep x tp. Every rank of dp x fsdp x ep reads
+// its own sequences (tp ranks share theirs); non-expert parameters are sharded over fsdp x ep ranks and
+// tensor-parallel over tp; the experts are split over ep ranks (ep must divide them) and sharded over fsdp. All
+// four degrees run (app/trainer.h says how each is trained and checkpointed).
 struct ParallelSection {
   int dp = 1, fsdp = 1, tp = 1, ep = 1;
   double step_timeout_s = 1800;  // multi-rank runs: end the job when a step makes no progress this long; 0: off
@@ -190,6 +193,8 @@ struct TrainConfig {
                            const std::vector<std::string>& overrides = {}, const std::string& base_dir = ".");
   // Every field, defaults included, as YAML that parse() reads back to an equal config.
   std::string to_yaml() const;
+  // Warnings about a valid but probably unintended config (q3vl train prints them), e.g. a run that is all warmup.
+  std::vector<std::string> hints() const;
   // The value checks parse() runs after the overrides, for a config built in code; errors name the key
   // and `source_name`.
   void validate(const std::string& source_name = "train config") const;

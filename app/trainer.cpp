@@ -10,6 +10,7 @@
 #include <fstream>
 #include <map>
 #include <omp.h>
+#include <unistd.h>
 
 #include "app/trainer_impl.h"
 #include "core/check.h"
@@ -37,6 +38,16 @@ void require_writable_dir(const std::string& dir, const std::string& what) {
     Q3VL_CHECK(f.good() && (f << "ok") && f.flush(), what, ": folder '", dir, "' is not writable");
   }
   fs::remove(probe, ec);
+}
+
+// A dry run writes nothing: `dir` must exist as a writable folder, or its nearest existing ancestor must.
+void require_creatable_dir(const std::string& dir, const std::string& what) {
+  fs::path existing = fs::absolute(dir);
+  while (!fs::exists(existing) && existing.has_parent_path() && existing != existing.parent_path())
+    existing = existing.parent_path();
+  Q3VL_CHECK(fs::is_directory(existing), what, ": cannot create folder '", dir, "': '", existing.string(),
+             "' is not a folder");
+  Q3VL_CHECK(::access(existing.c_str(), W_OK) == 0, what, ": folder '", existing.string(), "' is not writable");
 }
 
 }  // namespace
@@ -70,7 +81,7 @@ void Trainer::Impl::build() {
   const ParallelSection& par = cfg.parallel;
   grid = std::make_unique<parallel::ProcessGrid>(comm, parallel::GridShape{par.dp, par.fsdp, par.ep, par.tp});
   // Output folder first: nothing is computed for a run that cannot write its results.
-  if (root) require_writable_dir(cfg.output_dir, "output_dir");
+  if (root) (dry_run ? require_creatable_dir : require_writable_dir)(cfg.output_dir, "output_dir");
   comm.barrier();
   checkpoint_root = (fs::path(cfg.output_dir) / "checkpoints").string();
   metrics_path = (fs::path(cfg.output_dir) / "metrics.jsonl").string();
@@ -128,7 +139,7 @@ void Trainer::Impl::build() {
   health_tokens.assign(mc.num_moe_layers(), 0);
 
   config_yaml = cfg.to_yaml();
-  if (root) {
+  if (root && !dry_run) {
     std::ofstream f(fs::path(cfg.output_dir) / "config.yaml");
     f << config_yaml;
     Q3VL_CHECK(f.flush(), "output_dir: cannot write '", (fs::path(cfg.output_dir) / "config.yaml").string(), "'");
@@ -252,11 +263,12 @@ void Trainer::Impl::build_optimizer(const AdamWOptions& ao) {
   adamw = std::make_unique<AdamW>(shard_tensors, ao);
 }
 
-Trainer::Trainer(const TrainConfig& config, std::ostream& out, parallel::Comm* comm)
+Trainer::Trainer(const TrainConfig& config, std::ostream& out, parallel::Comm* comm, bool dry_run)
     : impl_(std::make_unique<Impl>(config, out, comm)) {
+  impl_->dry_run = dry_run;
   impl_->build();
   impl_->resume_if_asked();
-  if (impl_->root) {
+  if (impl_->root && !dry_run) {
     impl_->metrics.open(impl_->metrics_path, impl_->resumed ? std::ios::app : std::ios::trunc);
     Q3VL_CHECK(impl_->metrics.good(), "output_dir: cannot open '", impl_->metrics_path, "' for writing");
   }

@@ -78,7 +78,9 @@ class Trainer {
   // Validates the inputs (data, tokenizer, output folder, checkpoint to resume) and builds everything; errors
   // name the key or file. `out` receives the human progress lines.
   // `comm`: the ranks of this run (nullptr: one process). Only rank 0 writes to `out`.
-  Trainer(const TrainConfig& config, std::ostream& out, parallel::Comm* comm = nullptr);
+  // `dry_run` (q3vl train --dry-run): the same validation and construction, but no file or folder is written
+  // (output_dir must be creatable); run() must not be called.
+  Trainer(const TrainConfig& config, std::ostream& out, parallel::Comm* comm = nullptr, bool dry_run = false);
   ~Trainer();
   Trainer(const Trainer&) = delete;
   Trainer& operator=(const Trainer&) = delete;

@@ -92,6 +92,7 @@ struct Trainer::Impl {
   int64_t tokens_seen = 0;    // tokens consumed over the whole run (resumes included)
   int64_t skipped_steps = 0;
   bool resumed = false;  // metrics.jsonl continues (else a fresh run starts it anew)
+  bool dry_run = false;  // validate and build only: no folder, config.yaml or metrics.jsonl is written
   double ema_step_seconds = 0;
   // Per-rank fp32 peak behind the MFU: logging.peak_gflops when set, else this CPU's estimate; and where it came
   // from, printed at the start so an odd MFU can be traced to its figure.

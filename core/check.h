@@ -1,29 +1,36 @@
-// Q3VL_CHECK: the one error style of q3vl. A failed check throws q3vl::Error whose message names the
-// source file and line and carries the caller's context (layer, tensor names and shapes, file, key).
+// Q3VL_CHECK: the one error style of q3vl. A failed check throws q3vl::Error, whose message (what()) carries the
+// caller's context (layer, tensor names and shapes, file, key) and whose location() names the source file and
+// line apart from it, so a user sees the message and a developer can still ask for where it came from.
 #pragma once
 
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace q3vl {
 
 class Error : public std::runtime_error {
  public:
-  using std::runtime_error::runtime_error;
+  explicit Error(const std::string& message, std::string location = {})
+      : std::runtime_error(message), location_(std::move(location)) {}
+  // "core/foo.cpp:12" for a failed check; empty for an Error thrown by hand.
+  const std::string& location() const { return location_; }
+
+ private:
+  std::string location_;
 };
 
 namespace detail {
 template <class... Args>
 [[noreturn]] void throw_error(const char* file, int line, const char* cond, const Args&... args) {
   std::ostringstream os;
-  os << file << ":" << line << ": ";
   if constexpr (sizeof...(Args) > 0) {
     (os << ... << args);
   } else {
     os << "check failed: " << cond;
   }
-  throw Error(os.str());
+  throw Error(os.str(), std::string(file) + ":" + std::to_string(line));
 }
 }  // namespace detail
 

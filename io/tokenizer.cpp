@@ -3,6 +3,7 @@
 // `tokenizers` (AddedVocabulary::find_matches, Split/ByteLevel pre-tokenizers, bpe::Word::merge_all,
 // decoders::ByteLevel); tests/io/test_tokenizer.cpp holds it to ids the package produced.
 #include "io/tokenizer.h"
+#include "io/tokenizer_path.h"
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
@@ -1102,7 +1103,8 @@ Tokenizer Tokenizer::from_json(std::string_view json_text, const std::string& so
   return Tokenizer(std::move(impl));
 }
 
-Tokenizer Tokenizer::load(const std::string& path) {
+Tokenizer Tokenizer::load(const std::string& where) {
+  const std::string path = resolve_tokenizer_file(where);
   std::ifstream in(path, std::ios::binary);
   Q3VL_CHECK(in, path, ": cannot open tokenizer file");
   std::ostringstream text;

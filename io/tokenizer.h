@@ -31,7 +31,8 @@ namespace q3vl::io {
 
 class Tokenizer {
  public:
-  // Reads and validates a tokenizer.json; errors name the file and what is wrong in it.
+  // Reads and validates a tokenizer.json (the file, or the folder holding it: io/tokenizer_path.h); errors name the
+  // file and what is wrong in it.
   static Tokenizer load(const std::string& path);
   // Same from JSON text already in memory; `source` names it in error messages.
   static Tokenizer from_json(std::string_view json_text, const std::string& source);

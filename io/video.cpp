@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <memory>
 
 extern "C" {
@@ -43,8 +45,16 @@ struct SwsFreer {
 
 using FormatPtr = std::unique_ptr<AVFormatContext, FormatCloser>;
 
+// FFmpeg logs its own lines to stderr (a damaged file's warnings, one per packet); our errors already name the
+// file and what failed, so they are kept quiet unless Q3VL_DEBUG=1 (also set by --debug) asks for them.
+void quiet_ffmpeg_unless_debugging() {
+  const char* debug = std::getenv("Q3VL_DEBUG");
+  av_log_set_level(debug != nullptr && std::strcmp(debug, "1") == 0 ? AV_LOG_INFO : AV_LOG_QUIET);
+}
+
 // Opens `path` and finds its first video stream (FFmpeg's "best" video stream).
 FormatPtr open_video(const std::string& path, int& stream_index) {
+  quiet_ffmpeg_unless_debugging();
   AVFormatContext* raw = nullptr;
   int rc = avformat_open_input(&raw, path.c_str(), nullptr, nullptr);
   Q3VL_CHECK(rc >= 0, "video ", path, ": cannot open: ", av_error(rc));

@@ -8,7 +8,7 @@ set -euo pipefail
 packages=(cmake make g++ ccache libeigen3-dev libyaml-cpp-dev libhdf5-dev libopenmpi-dev openmpi-bin
           nlohmann-json3-dev libpcre2-dev libicu-dev libjpeg62-turbo-dev libpng-dev libwebp-dev
           libavformat-dev libavcodec-dev libswscale-dev libavutil-dev pkg-config libgtest-dev libbenchmark-dev
-          hdf5-tools python3-matplotlib)
+          hdf5-tools python3-matplotlib libcli11-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -306,7 +306,7 @@ TEST(ForwardCli, NaNWeightIsAnErrorNamingTheTensor) {
                                             [](float* w, int64_t) { w[3] = std::nanf(""); });
   const CommandRun run = run_forward(model, golden_moe() + "/image_single/batch.h5", tmp / "out.h5");
   EXPECT_NE(run.exit_code, 0) << run.output;
-  EXPECT_NE(run.output.find("q3vl: error: "), std::string::npos) << run.output;
+  EXPECT_NE(run.output.find("q3vl forward: "), std::string::npos) << run.output;
   EXPECT_NE(run.output.find("checkpoint " + model + ": tensor model.language_model.layers.1.post_attention_layernorm"
                             ".weight holds nan at element 3"),
             std::string::npos)

@@ -301,10 +301,11 @@ ModelConfig tiny_moe_with(const TempDir& dir, const std::string& section, const 
   return io::load_model_config(dir / "config.json");
 }
 
-void expect_refused(const std::string& args, const std::string& message) {
+// A refused layout is a runtime error (exit 1); a malformed option value is a usage error (exit 2).
+void expect_refused(const std::string& args, const std::string& message, int exit_code = 1) {
   const CommandRun run = run_q3vl("plan " + args);
-  EXPECT_EQ(run.exit_code, 1) << args << "\n" << run.output;
-  EXPECT_NE(run.output.find("q3vl: error: "), std::string::npos) << args << "\n" << run.output;
+  EXPECT_EQ(run.exit_code, exit_code) << args << "\n" << run.output;
+  EXPECT_NE(run.output.find("q3vl plan: "), std::string::npos) << args << "\n" << run.output;
   EXPECT_NE(run.output.find(message), std::string::npos) << args << "\nexpected: " << message << "\n" << run.output;
   EXPECT_EQ(run.output.find("plan_layout"), std::string::npos) << args;
 }
@@ -316,9 +317,9 @@ TEST(PlanLayout, InvalidLayoutsAreErrorsNamingTheConstraint) {
   expect_refused("--model tiny-moe --tp 3", "--tp 3 must divide num_attention_heads = 4");
   expect_refused("--model tiny-moe --tp 4", "--tp 4 must divide num_key_value_heads = 2");
   expect_refused("--model 30B-A3B --tp 8", "--tp 8 must divide num_key_value_heads = 4");
-  expect_refused("--model tiny-moe --fsdp 0", "--fsdp expects an integer >= 1");
-  expect_refused("--model tiny-moe --dp two", "--dp expects an integer >= 1");
-  expect_refused("--model tiny-moe --images -1", "--images expects an integer >= 0");
+  expect_refused("--model tiny-moe --fsdp 0", "--fsdp expects an integer >= 1", 2);
+  expect_refused("--model tiny-moe --dp two", "--dp expects an integer >= 1", 2);
+  expect_refused("--model tiny-moe --images -1", "--images expects an integer >= 0", 2);
   expect_refused("--model tiny-moe --images 1 --patches-per-image 6", "--patches-per-image 6 must be a multiple of 4");
   expect_refused("--model tiny-moe --tokens 100 --images 2 --patches-per-image 256",
                  "128 image tokens do not fit in --tokens 100");
