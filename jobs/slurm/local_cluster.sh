@@ -176,7 +176,7 @@ stop() {
 }
 
 status() {
-  local name
+  local name pid
   for name in munge/munged slurmctld slurmd; do
     if pid=$(live_pid "$dir/$name.pid"); then echo "${name#*/}: running ($pid)"; else echo "${name#*/}: not running"; fi
   done
