@@ -2,13 +2,16 @@
 # Builds and runs every test: the Release build under CTest (with the CUDA backend when nvcc is found: every CUDA
 # source compiles and links, and the `gpu` tests report as skipped on a machine without a GPU), then the same
 # suite built with AddressSanitizer + UndefinedBehaviorSanitizer and without CUDA (skip it with --no-sanitize).
-# Exits non-zero on any failure.
+# Between the two, the Slurm batch scripts run on a one-node Slurm started on this machine (jobs/slurm/test_local.sh,
+# which installs Debian's Slurm and munge when missing; skip it with --no-slurm). Exits non-zero on any failure.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 sanitize=1
+slurm=1
 for a in "$@"; do
   case "$a" in
     --no-sanitize) sanitize=0 ;;
+    --no-slurm) slurm=0 ;;
     *) echo "test.sh: unknown option $a" >&2; exit 2 ;;
   esac
 done
@@ -29,6 +32,11 @@ echo "== Release build and tests"
 bash "$root/jobs/build.sh" "$root/build" "${cuda[@]}"
 (cd "$root/build" && ctest --output-on-failure -j "$(nproc)")
 cat "$root/build/gradcheck_report.txt"
+
+if ((slurm)); then
+  echo "== one-node Slurm: cpu-test.sbatch and the training script's requeue chain"
+  bash "$root/jobs/slurm/test_local.sh" "$root/build"
+fi
 
 if ((sanitize)); then
   echo "== AddressSanitizer + UndefinedBehaviorSanitizer build and tests"
