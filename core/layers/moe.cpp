@@ -73,12 +73,14 @@ void check_config(const char* L, const MoeConfig& c) {
              " must be in [1, num_experts = ", c.num_experts, "]");
 }
 
-void check_params(const char* L, const MoeConfig& c, const MoeWeights& p, DType dt, const char* router,
-                  const char* gate_up, const char* down) {
+// The three parameter tensors of weights or gradients.
+void check_params(const char* L, const MoeConfig& c, const Tensor& router, const Tensor& gate_up, const Tensor& down,
+                  DType dt, const char* prefix) {
   const int64_t E = c.num_experts, H = c.hidden, I = c.expert_ffn;
-  require(L, router, p.router, dt, {E, H});
-  require(L, gate_up, p.gate_up, dt, {E, H, 2 * I});
-  require(L, down, p.down, dt, {E, I, H});
+  const std::string p(prefix);
+  require(L, (p + "router").c_str(), router, dt, {E, H});
+  require(L, (p + "gate_up").c_str(), gate_up, dt, {E, H, 2 * I});
+  require(L, (p + "down").c_str(), down, dt, {E, I, H});
 }
 
 ValidMask check_valid(const char* L, const Tensor& valid, int64_t n) {
@@ -260,7 +262,7 @@ void forward_impl(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, Va
 template <class T>
 void backward_impl(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, ValidMask valid,
                    const MoeSaved& saved, const Tensor& dy, const Tensor& aux_dprob, const Tensor& dx,
-                   const MoeGrads& grads, Arena& arena) {
+                   const MoeGradients& grads, Arena& arena) {
   const DType dt = dtype_of<T>();
   const int64_t n = x.size(0), H = cfg.hidden, E = cfg.num_experts, K = cfg.top_k, I = cfg.expert_ffn;
   const int64_t pairs = n * K;
@@ -380,7 +382,7 @@ void moe_forward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, con
   const char* L = "moe_forward";
   check_config(L, cfg);
   const DType dt = w.router.dtype();
-  check_params(L, cfg, w, dt, "w.router", "w.gate_up", "w.down");
+  check_params(L, cfg, w.router, w.gate_up, w.down, dt, "w.");
   require(L, "x", x, dt, {-1, cfg.hidden});
   const int64_t n = x.size(0);
   require(L, "y", y, dt, {n, cfg.hidden});
@@ -397,7 +399,7 @@ void moe_forward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, con
 
 void moe_backward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, const Tensor& valid,
                   const MoeSaved& saved, const Tensor& dy, const Tensor& aux_dprob, const Tensor& dx,
-                  const MoeGrads& grads, Arena& scratch) {
+                  const MoeGradients& grads, Arena& scratch) {
   if (on_cuda({&x, &w.router, &w.gate_up, &w.down, &valid, &saved.probs, &dy, &aux_dprob, &dx, &grads.router,
                &grads.gate_up, &grads.down}))
     return cuda_layers().moe_backward(cfg, w, x, valid, saved, dy, aux_dprob, dx, grads, scratch);
@@ -405,8 +407,8 @@ void moe_backward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, co
   check_config(L, cfg);
   const DType dt = w.router.dtype();
   const int64_t E = cfg.num_experts, H = cfg.hidden, K = cfg.top_k, I = cfg.expert_ffn;
-  check_params(L, cfg, w, dt, "w.router", "w.gate_up", "w.down");
-  check_params(L, cfg, grads, dt, "grads.router", "grads.gate_up", "grads.down");
+  check_params(L, cfg, w.router, w.gate_up, w.down, dt, "w.");
+  check_params(L, cfg, grads.router, grads.gate_up, grads.down, dt, "grads.");
   require(L, "x", x, dt, {-1, H});
   const int64_t n = x.size(0);
   require(L, "dy", dy, dt, {n, H});
