@@ -118,6 +118,8 @@ struct MoeStats {
 // router probabilities and routing weights in f32 whatever the activation dtype (f32 or bf16).
 size_t moe_forward_arena_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype, bool expert_parallel = false,
                                Device device = Device::cpu);
+// The part of moe_forward_arena_bytes the forward only borrows (released before it returns); CPU path.
+size_t moe_forward_transient_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype, bool expert_parallel = false);
 // Bytes moe_backward takes (and releases) from its scratch arena for N tokens.
 size_t moe_backward_scratch_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype, bool expert_parallel = false,
                                   Device device = Device::cpu);

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <string>
 
+#include "core/arena_layout.h"
 #include "core/layer_checks.h"
 #include "core/layers/norms.h"
 #include "core/layers/padding_attention.h"
@@ -15,13 +16,33 @@ namespace q3vl {
 
 namespace {
 
-size_t bytes(int64_t elems, DType dtype) { return Arena::aligned(static_cast<size_t>(elems) * dtype_size(dtype)); }
+// The layer's own saved tensors (its sub-layers carve theirs), in carving order; the routing statistics on MoE
+// layers only.
+template <class Carve>
+void own_tensors(const TextConfig& c, bool moe, int64_t n, DType dt, Carve&& carve, DecoderLayerSaved& s) {
+  const int64_t h = c.hidden_size;
+  s.normed1 = carve({n, h}, dt);
+  s.rstd1 = carve({n}, dt);
+  s.h_mid = carve({n, h}, dt);
+  s.normed2 = carve({n, h}, dt);
+  s.rstd2 = carve({n}, dt);
+  s.h_out = carve({n, h}, dt);
+  if (moe) {
+    s.stats.counts = carve({c.num_experts}, DType::i64);
+    s.stats.prob_sum = carve({c.num_experts}, DType::f64);
+  }
+}
 
-// The MoE forward's own scratch (released before it returns): the gathered rows and the SwiGLU output (the
-// expert-parallel path keeps its expert-side rows outside the arena).
-size_t moe_transient_bytes(const MoeConfig& m, int64_t n, DType dt, bool expert_parallel) {
-  const size_t rows = bytes(n * m.top_k * m.hidden, dt);
-  return expert_parallel ? rows : rows + bytes(n * m.top_k * m.expert_ffn, dt);
+// The backward's own scratch: d normed (of either norm) and the norm's input gradient before it is added.
+struct BackwardScratch {
+  Tensor d_normed, d_tmp;
+};
+template <class Carve>
+BackwardScratch backward_tensors(int64_t n, int64_t h, DType dt, Carve&& carve) {
+  BackwardScratch t;
+  t.d_normed = carve({n, h}, dt);
+  t.d_tmp = carve({n, h}, dt);
+  return t;
 }
 
 // This rank's share of the attention heads and of the MoE experts' FFN columns.
@@ -100,19 +121,18 @@ TextWeights text_weights(const ModelConfig& config, const ParamStore& s) {
 
 size_t decoder_layer_activation_bytes(const ModelConfig& config, int layer, int64_t n, DType dt, bool expert_parallel) {
   const TextConfig& c = config.text;
-  const int64_t h = c.hidden_size;
-  size_t total = 4 * bytes(n * h, dt) + 2 * bytes(n, dt) + attention_block_saved_bytes(text_attention_config(c), n, dt);
-  if (config.is_moe_layer(layer)) {
-    total += moe_forward_arena_bytes(text_moe_config(c), n, dt, expert_parallel) + bytes(c.num_experts, DType::i64) +
-             bytes(c.num_experts, DType::f64);
-  } else {
-    total += swiglu_mlp_saved_bytes(n, c.intermediate_size, dt);
-  }
-  return total;
+  const bool moe = config.is_moe_layer(layer);
+  ArenaSizer own;
+  DecoderLayerSaved unused;
+  own_tensors(c, moe, n, dt, own, unused);
+  const size_t mlp = moe ? moe_forward_arena_bytes(text_moe_config(c), n, dt, expert_parallel)
+                         : swiglu_mlp_saved_bytes(n, c.intermediate_size, dt);
+  return own.bytes() + attention_block_saved_bytes(text_attention_config(c), n, dt) + mlp;
 }
 
 size_t decoder_layer_transient_bytes(const ModelConfig& config, int layer, int64_t n, DType dt, bool expert_parallel) {
-  return config.is_moe_layer(layer) ? moe_transient_bytes(text_moe_config(config.text), n, dt, expert_parallel) : 0;
+  return config.is_moe_layer(layer) ? moe_forward_transient_bytes(text_moe_config(config.text), n, dt, expert_parallel)
+                                    : 0;
 }
 
 size_t decoder_layer_scratch_bytes(const ModelConfig& config, int layer, int64_t n, int64_t max_padding, DType dt,
@@ -122,8 +142,10 @@ size_t decoder_layer_scratch_bytes(const ModelConfig& config, int layer, int64_t
   const size_t mlp = config.is_moe_layer(layer)
                          ? moe_backward_scratch_bytes(text_moe_config(c), n, dt, expert_parallel)
                          : swiglu_mlp_scratch_bytes(n, c.intermediate_size, dt);
+  ArenaSizer own;
+  backward_tensors(n, c.hidden_size, dt, own);
   const size_t backward =
-      2 * bytes(n * c.hidden_size, dt) + std::max(attention_block_scratch_bytes(text_attention_config(c), n, dt), mlp);
+      own.bytes() + std::max(attention_block_scratch_bytes(text_attention_config(c), n, dt), mlp);
   return std::max(forward, backward);
 }
 
@@ -134,17 +156,15 @@ void decoder_layer_forward(const ModelConfig& config, int layer, const DecoderLa
   const TextConfig& c = config.text;
   const DType dt = h_in.dtype();
   require(L, "h_in", h_in, dt, {-1, c.hidden_size});
-  const int64_t n = h_in.size(0), h = c.hidden_size;
+  const int64_t n = h_in.size(0);
   check_context(L, c, ctx, n, dt);
   Q3VL_CHECK(w.moe == config.is_moe_layer(layer), L, ": weights of layer ", layer, " are ",
              w.moe ? "MoE" : "dense", " but the config says otherwise");
   const AttentionConfig acfg = local_attention_config(c, ctx);
 
   s.h_in = h_in;
-  s.normed1 = Tensor::empty(acts, {n, h}, dt);
-  s.rstd1 = Tensor::empty(acts, {n}, dt);
+  own_tensors(c, w.moe, n, dt, ArenaCarver(acts), s);
   rmsnorm_forward(h_in, w.input_norm, c.rms_norm_eps, s.normed1, s.rstd1);
-  s.h_mid = Tensor::empty(acts, {n, h}, dt);
   s.attn = attention_block_forward(acfg, w.attn, s.normed1, ctx.cos, ctx.sin, ctx.cu_seqlens, acts, s.h_mid);
   // Padding queries: replace their rows by attention over the real tokens of their document only.
   padding_attention_forward(s.attn.q, s.attn.k, s.attn.v, ctx.cu_seqlens, ctx.doc_real, acfg.scale(), w.attn.wo,
@@ -153,13 +173,8 @@ void decoder_layer_forward(const ModelConfig& config, int layer, const DecoderLa
   tp_all_reduce(ctx.tp, s.h_mid);
   add_into(s.h_mid, h_in);
 
-  s.normed2 = Tensor::empty(acts, {n, h}, dt);
-  s.rstd2 = Tensor::empty(acts, {n}, dt);
   rmsnorm_forward(s.h_mid, w.post_norm, c.rms_norm_eps, s.normed2, s.rstd2);
-  s.h_out = Tensor::empty(acts, {n, h}, dt);
   if (w.moe) {
-    s.stats.counts = Tensor::empty(acts, {c.num_experts}, DType::i64);
-    s.stats.prob_sum = Tensor::empty(acts, {c.num_experts}, DType::f64);
     moe_forward(local_moe_config(c, ctx), w.experts, s.normed2, ctx.valid, acts, s.moe, s.h_out, s.stats);
     // Split experts give partial sums; whole experts (expert parallelism) the full output on every tp rank.
     if (ctx.tp_experts_split) tp_all_reduce(ctx.tp, s.h_out);
@@ -182,8 +197,8 @@ void decoder_layer_backward(const ModelConfig& config, int layer, const DecoderL
   Q3VL_CHECK(w.moe == config.is_moe_layer(layer) && g.moe == w.moe, L, ": layer ", layer,
              " weights, gradients and config disagree on MoE");
   const size_t mark = scratch.mark();
-  const Tensor d_normed = Tensor::empty(scratch, {n, h}, dt);
-  const Tensor d_tmp = Tensor::empty(scratch, {n, h}, dt);
+  const BackwardScratch t = backward_tensors(n, h, dt, ArenaCarver(scratch));
+  const Tensor &d_normed = t.d_normed, &d_tmp = t.d_tmp;
   // h_out = h_mid + mlp(normed2).
   if (w.moe) {
     // g holds gradient views in the weights' layout; score_bias is state and has no gradient.
