@@ -216,7 +216,8 @@ int run_selfcheck(const std::vector<std::string>& args) {
     for (int64_t l = c.layers - 1; l >= 0; --l) {
       const LayerActs& a = la[l];
       const size_t m = scratch.mark();
-      moe_backward(mcfg, lw[l].moe, a.normed2, Tensor{}, a.moe, dh, aux_dprob, dnormed, lg[l].moe, scratch);
+      moe_backward(mcfg, lw[l].moe, a.normed2, Tensor{}, a.moe, dh, aux_dprob, dnormed,
+                   {lg[l].moe.router, lg[l].moe.gate_up, lg[l].moe.down}, scratch);
       scratch.release(m);
       rmsnorm_backward(a.h_mid, lw[l].post_norm, a.rstd2, dnormed, dtmp, lg[l].post_norm);
       add_into(dh, dtmp);

@@ -5,10 +5,15 @@
 
 namespace q3vl::parallel {
 
+CommExpertExchange::CommExpertExchange(Comm& comm)
+    : comm_(comm),
+      send_counts_(static_cast<size_t>(comm.size())),
+      send_displs_(static_cast<size_t>(comm.size())),
+      recv_counts_(static_cast<size_t>(comm.size())),
+      recv_displs_(static_cast<size_t>(comm.size())) {}
+
 size_t CommExpertExchange::lay_out(const char* side, std::span<const int64_t> rows, size_t row_bytes,
-                                   std::vector<int64_t>& counts, std::vector<int64_t>& displs) {
-  counts.resize(rows.size());
-  displs.resize(rows.size());
+                                   std::span<int64_t> counts, std::span<int64_t> displs) {
   int64_t total = 0;
   for (size_t q = 0; q < rows.size(); ++q) {
     Q3VL_CHECK(rows[q] >= 0, "parallel: expert exchange_rows: ", side, " rows for rank ", q, " are negative (",
@@ -25,9 +30,10 @@ void CommExpertExchange::exchange_counts(std::span<const int64_t> send, std::spa
   Q3VL_CHECK(send.size() % P == 0 && recv.size() == send.size(), "parallel: expert exchange_counts: send holds ",
              send.size(), " and recv ", recv.size(), " counts; both need the same multiple of the group size ", P);
   const int64_t block = static_cast<int64_t>((send.size() / P) * sizeof(int64_t));
-  send_counts_.assign(P, block);
-  send_displs_.resize(P);
-  for (size_t q = 0; q < P; ++q) send_displs_[q] = static_cast<int64_t>(q) * block;
+  for (size_t q = 0; q < P; ++q) {
+    send_counts_[q] = block;
+    send_displs_[q] = static_cast<int64_t>(q) * block;
+  }
   comm_.all_to_all_v(std::as_bytes(send), send_counts_, send_displs_, std::as_writable_bytes(recv), send_counts_,
                      send_displs_);
 }

@@ -14,7 +14,7 @@ namespace q3vl::parallel {
 class CommExpertExchange final : public ExpertExchange {
  public:
   // comm must outlive this object; its ranks are the expert-parallel group (rank q owns expert block q).
-  explicit CommExpertExchange(Comm& comm) : comm_(comm) {}
+  explicit CommExpertExchange(Comm& comm);
 
   int size() const override { return comm_.size(); }
   int rank() const override { return comm_.rank(); }
@@ -23,13 +23,14 @@ class CommExpertExchange final : public ExpertExchange {
                      std::span<const int64_t> recv_rows, size_t row_bytes) override;
 
  private:
-  // Fills counts_ / displs_ (bytes, one per rank) for blocks of rows[q] * row_bytes bytes back to back and
+  // Fills counts / displs (bytes, one per rank) for blocks of rows[q] * row_bytes bytes back to back and
   // returns their total.
   static size_t lay_out(const char* side, std::span<const int64_t> rows, size_t row_bytes,
-                        std::vector<int64_t>& counts, std::vector<int64_t>& displs);
+                        std::span<int64_t> counts, std::span<int64_t> displs);
 
   Comm& comm_;
-  // Byte counts and displacements of the current all-to-all, kept so a step allocates nothing once sized.
+  // Byte counts and displacements of the current all-to-all, one per rank, sized once by the constructor so
+  // that an exchange allocates nothing.
   std::vector<int64_t> send_counts_, send_displs_, recv_counts_, recv_displs_;
 };
 

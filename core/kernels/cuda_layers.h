@@ -20,6 +20,7 @@ namespace q3vl {
 
 struct MoeConfig;
 struct MoeWeights;
+struct MoeGradients;
 struct MoeSaved;
 struct MoeStats;
 struct AdamWOptions;
@@ -94,7 +95,7 @@ class CudaLayers {
                            Arena& saved_arena, MoeSaved& saved, const Tensor& y, MoeStats& stats) const = 0;
   virtual void moe_backward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, const Tensor& valid,
                             const MoeSaved& saved, const Tensor& dy, const Tensor& aux_dprob, const Tensor& dx,
-                            const MoeWeights& grads, Arena& scratch) const = 0;
+                            const MoeGradients& grads, Arena& scratch) const = 0;
 
   // core/optim/adamw.h
   virtual void adamw_update(const AdamWTensorUpdate& u, const AdamWOptions& options, int64_t step) const = 0;

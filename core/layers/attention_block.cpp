@@ -4,6 +4,7 @@
 #include <initializer_list>
 #include <string>
 
+#include "core/arena_layout.h"
 #include "core/kernels/cpu/gemm.h"
 #include "core/layer_checks.h"
 #include "core/layers/attention.h"
@@ -66,7 +67,41 @@ int64_t check_inputs(const char* layer, const AttentionConfig& cfg, const Attent
   return n;
 }
 
-size_t bytes(int64_t elems, DType dtype) { return Arena::aligned(static_cast<size_t>(elems) * dtype_size(dtype)); }
+// The saved tensors, in carving order (q_pre, k_pre and their rstd only with qk_norm).
+template <class Carve>
+AttentionSaved saved_tensors(const AttentionConfig& cfg, int64_t n, DType dt, Carve&& carve) {
+  const int64_t hq = cfg.num_heads, hkv = cfg.num_kv_heads, d = cfg.head_dim;
+  AttentionSaved s;
+  if (cfg.qk_norm) {
+    s.q_pre = carve({n, hq * d}, dt);
+    s.k_pre = carve({n, hkv * d}, dt);
+    s.q_rstd = carve({n * hq}, dt);
+    s.k_rstd = carve({n * hkv}, dt);
+  }
+  s.q = carve({n, hq, d}, dt);
+  s.k = carve({n, hkv, d}, dt);
+  s.v = carve({n, hkv, d}, dt);
+  s.attn = carve({n, hq, d}, dt);
+  s.lse = carve({hq, n}, dt);
+  return s;
+}
+
+// The backward's scratch before the attention backward's own tiles: d_attn (reused as dq_pre), dq, dk, dv, and
+// dk_pre when normed.
+struct ScratchTensors {
+  Tensor d_attn, dq, dk, dv, dk_pre;
+};
+template <class Carve>
+ScratchTensors scratch_tensors(const AttentionConfig& cfg, int64_t n, DType dt, Carve&& carve) {
+  const int64_t hq = cfg.num_heads, hkv = cfg.num_kv_heads, d = cfg.head_dim;
+  ScratchTensors s;
+  s.d_attn = carve({n, hq * d}, dt);
+  s.dq = carve({n, hq, d}, dt);
+  s.dk = carve({n, hkv, d}, dt);
+  s.dv = carve({n, hkv, d}, dt);
+  if (cfg.qk_norm) s.dk_pre = carve({n, hkv * d}, dt);
+  return s;
+}
 
 // q or k up to the attention input: projection, optional per-head RMSNorm, rotary (in place).
 void project_heads(const AttentionConfig& cfg, int64_t heads, const Tensor& x, const Tensor& w, const Tensor& b,
@@ -98,20 +133,15 @@ Tensor unproject_heads(const AttentionConfig& cfg, int64_t heads, const Tensor& 
 }  // namespace
 
 size_t attention_block_saved_bytes(const AttentionConfig& cfg, int64_t n, DType dtype) {
-  const int64_t qd = cfg.num_heads * cfg.head_dim, kvd = cfg.num_kv_heads * cfg.head_dim;
-  size_t total = 2 * bytes(n * qd, dtype) + 2 * bytes(n * kvd, dtype) + bytes(cfg.num_heads * n, dtype);
-  if (cfg.qk_norm)
-    total += bytes(n * qd, dtype) + bytes(n * kvd, dtype) + bytes(n * cfg.num_heads, dtype) +
-             bytes(n * cfg.num_kv_heads, dtype);
-  return total;
+  ArenaSizer sizer;
+  saved_tensors(cfg, n, dtype, sizer);
+  return sizer.bytes();
 }
 
 size_t attention_block_scratch_bytes(const AttentionConfig& cfg, int64_t n, DType dtype) {
-  const int64_t qd = cfg.num_heads * cfg.head_dim, kvd = cfg.num_kv_heads * cfg.head_dim;
-  // d_attn (reused as dq_pre), dq, dk, dv, dk_pre when normed, and the attention backward's tiles.
-  size_t total = 2 * bytes(n * qd, dtype) + 2 * bytes(n * kvd, dtype) + attention_backward_scratch_bytes(dtype);
-  if (cfg.qk_norm) total += bytes(n * kvd, dtype);
-  return total;
+  ArenaSizer sizer;
+  scratch_tensors(cfg, n, dtype, sizer);
+  return sizer.bytes() + attention_backward_scratch_bytes(dtype);
 }
 
 AttentionSaved attention_block_forward(const AttentionConfig& cfg, const AttentionWeights& w, const Tensor& x,
@@ -122,18 +152,7 @@ AttentionSaved attention_block_forward(const AttentionConfig& cfg, const Attenti
   const DType dt = x.dtype();
   require(L, "y", y, dt, {n, cfg.hidden});
   const int64_t hq = cfg.num_heads, hkv = cfg.num_kv_heads, d = cfg.head_dim;
-  AttentionSaved s;
-  if (cfg.qk_norm) {
-    s.q_pre = Tensor::empty(saved, {n, hq * d}, dt);
-    s.k_pre = Tensor::empty(saved, {n, hkv * d}, dt);
-    s.q_rstd = Tensor::empty(saved, {n * hq}, dt);
-    s.k_rstd = Tensor::empty(saved, {n * hkv}, dt);
-  }
-  s.q = Tensor::empty(saved, {n, hq, d}, dt);
-  s.k = Tensor::empty(saved, {n, hkv, d}, dt);
-  s.v = Tensor::empty(saved, {n, hkv, d}, dt);
-  s.attn = Tensor::empty(saved, {n, hq, d}, dt);
-  s.lse = Tensor::empty(saved, {hq, n}, dt);
+  AttentionSaved s = saved_tensors(cfg, n, dt, ArenaCarver(saved));
 
   project_heads(cfg, hq, x, w.wq, w.bq, w.q_norm, cos, sin, s.q_pre, s.q_rstd, s.q);
   project_heads(cfg, hkv, x, w.wk, w.bk, w.k_norm, cos, sin, s.k_pre, s.k_rstd, s.k);
@@ -165,11 +184,8 @@ void attention_block_backward(const AttentionConfig& cfg, const AttentionWeights
   require_param(L, "saved.k_rstd", saved.k_rstd, cfg.qk_norm, dt, {n * hkv});
 
   const size_t mark = scratch.mark();
-  Tensor d_attn = Tensor::empty(scratch, {n, hq * d}, dt);
-  Tensor dq = Tensor::empty(scratch, {n, hq, d}, dt);
-  Tensor dk = Tensor::empty(scratch, {n, hkv, d}, dt);
-  Tensor dv = Tensor::empty(scratch, {n, hkv, d}, dt);
-  Tensor dk_pre = cfg.qk_norm ? Tensor::empty(scratch, {n, hkv * d}, dt) : Tensor{};
+  const ScratchTensors t = scratch_tensors(cfg, n, dt, ArenaCarver(scratch));
+  const Tensor &d_attn = t.d_attn, &dq = t.dq, &dk = t.dk, &dv = t.dv, &dk_pre = t.dk_pre;
 
   linear_backward(saved.attn.view({n, hq * d}), w.wo, dy, d_attn, grads.wo, grads.bo);
   attention_backward(saved.q, saved.k, saved.v, saved.attn, saved.lse, d_attn.view({n, hq, d}), cu_seqlens,

@@ -12,6 +12,7 @@
 #include <string>
 #include <type_traits>
 
+#include "core/arena_layout.h"
 #include "core/kernels/cpu/gemm.h"
 #include "core/kernels/cuda_layers.h"
 #include "core/layer_checks.h"
@@ -25,38 +26,71 @@ using moe_detail::gather_rows;
 using moe_detail::swiglu_backward_rows;
 using moe_detail::swiglu_rows;
 
-size_t bytes_of(int64_t numel, size_t elem) { return Arena::aligned(static_cast<size_t>(numel) * elem); }
-
-// Allocation sizes in the order the forward and backward carve them; the byte functions sum the same list.
-// Expert parallelism keeps gate_up_out and the activations on the owners (MoeSaved's vectors) instead.
-size_t saved_bytes(const MoeConfig& c, int64_t n, size_t f, bool expert_parallel) {
+// The saved tensors, in carving order. Expert parallelism keeps gate_up_out on the experts' owners instead.
+template <class Carve>
+void saved_tensors(const MoeConfig& c, int64_t n, DType dt, bool expert_parallel, Carve&& carve, MoeSaved& s) {
   const int64_t pairs = n * c.top_k;
-  const size_t routing = bytes_of(n * c.num_experts, f) + bytes_of(pairs, 8) + bytes_of(pairs, f) +
-                         bytes_of(c.num_experts + 1, 8) + bytes_of(pairs, 8) + bytes_of(pairs, 8);
-  return expert_parallel ? routing : routing + bytes_of(pairs * 2 * c.expert_ffn, f);
+  s.probs = carve({n, c.num_experts}, dt);
+  s.topk_expert = carve({n, c.top_k}, DType::i64);
+  s.topk_weight = carve({n, c.top_k}, dt);
+  s.expert_offsets = carve({c.num_experts + 1}, DType::i64);
+  s.sorted_pair = carve({pairs}, DType::i64);
+  s.pair_row = carve({pairs}, DType::i64);
+  s.gate_up_out = expert_parallel ? Tensor{} : carve({pairs, 2 * c.expert_ffn}, dt);
 }
-size_t forward_scratch_bytes(const MoeConfig& c, int64_t n, size_t f, bool expert_parallel) {
+
+// The forward's scratch after the saved tensors: the gathered rows of each expert (overwritten by its outputs)
+// and, on the local path, the SwiGLU output.
+struct ForwardScratch {
+  Tensor rows, act;
+};
+template <class Carve>
+ForwardScratch forward_scratch(const MoeConfig& c, int64_t n, DType dt, bool expert_parallel, Carve&& carve) {
   const int64_t pairs = n * c.top_k;
-  if (expert_parallel) return bytes_of(pairs * c.hidden, f);
-  return bytes_of(pairs * c.hidden, f) + bytes_of(pairs * c.expert_ffn, f);
+  ForwardScratch s;
+  s.rows = carve({pairs, c.hidden}, dt);
+  if (!expert_parallel) s.act = carve({pairs, c.expert_ffn}, dt);
+  return s;
+}
+
+// The backward's scratch: per sorted row the gathered dy, then x, then d x (with expert parallelism one more
+// column carries the routing weight out and its gradient back); the local path's activation gradient and d
+// gate_up_out; d routing weights; d probs.
+struct BackwardScratch {
+  Tensor rows, act, dh, dweight, dprobs;
+};
+template <class Carve>
+BackwardScratch backward_scratch(const MoeConfig& c, int64_t n, DType dt, bool expert_parallel, Carve&& carve) {
+  const int64_t pairs = n * c.top_k;
+  BackwardScratch s;
+  s.rows = carve({pairs, expert_parallel ? c.hidden + 1 : c.hidden}, dt);
+  if (!expert_parallel) {
+    s.act = carve({pairs, c.expert_ffn}, dt);
+    s.dh = carve({pairs, 2 * c.expert_ffn}, dt);
+  }
+  s.dweight = carve({pairs}, dt);
+  s.dprobs = carve({n, c.num_experts}, dt);
+  return s;
 }
 
 // The CUDA path's sizes, in the order core/kernels/cuda/moe.cu carves them: probabilities, routing weights
-// and d routing weights in f32 (f = the activation dtype's size for the rest); the forward's scratch adds each
+// and d routing weights in f32 (dt, the activation dtype, for the rest); the forward's scratch adds each
 // token's routing margin (f64 [N]) and an i64 [E + 5] buffer through which the per-expert offsets, the
 // valid-token count, the mask check and the minimum margin come back to the host in one read.
-size_t device_forward_bytes(const MoeConfig& c, int64_t n, size_t f) {
+size_t device_forward_bytes(const MoeConfig& c, int64_t n, DType dt) {
   const int64_t pairs = n * c.top_k;
-  const size_t saved = bytes_of(n * c.num_experts, 4) + bytes_of(pairs, 8) + bytes_of(pairs, 4) +
-                       bytes_of(c.num_experts + 1, 8) + bytes_of(pairs, 8) + bytes_of(pairs, 8) +
-                       bytes_of(pairs * 2 * c.expert_ffn, f);
-  return saved + bytes_of(pairs * c.hidden, f) + bytes_of(pairs * c.expert_ffn, f) + bytes_of(n, 8) +
-         bytes_of(c.num_experts + 5, 8);
+  const size_t saved = arena_bytes(n * c.num_experts, DType::f32) + arena_bytes(pairs, DType::i64) +
+                       arena_bytes(pairs, DType::f32) + arena_bytes(c.num_experts + 1, DType::i64) +
+                       arena_bytes(pairs, DType::i64) + arena_bytes(pairs, DType::i64) +
+                       arena_bytes(pairs * 2 * c.expert_ffn, dt);
+  return saved + arena_bytes(pairs * c.hidden, dt) + arena_bytes(pairs * c.expert_ffn, dt) +
+         arena_bytes(n, DType::f64) + arena_bytes(c.num_experts + 5, DType::i64);
 }
-size_t device_backward_bytes(const MoeConfig& c, int64_t n, size_t f) {
+size_t device_backward_bytes(const MoeConfig& c, int64_t n, DType dt) {
   const int64_t pairs = n * c.top_k;
-  return bytes_of(pairs * c.hidden, f) + bytes_of(pairs * c.expert_ffn, f) + bytes_of(pairs * 2 * c.expert_ffn, f) +
-         bytes_of(pairs, 4) + bytes_of(n * c.num_experts, f);
+  return arena_bytes(pairs * c.hidden, dt) + arena_bytes(pairs * c.expert_ffn, dt) +
+         arena_bytes(pairs * 2 * c.expert_ffn, dt) + arena_bytes(pairs, DType::f32) +
+         arena_bytes(n * c.num_experts, dt);
 }
 
 // The valid mask as a predicate; no mask means every token is real.
@@ -73,12 +107,14 @@ void check_config(const char* L, const MoeConfig& c) {
              " must be in [1, num_experts = ", c.num_experts, "]");
 }
 
-void check_params(const char* L, const MoeConfig& c, const MoeWeights& p, DType dt, const char* router,
-                  const char* gate_up, const char* down) {
+// The three parameter tensors of weights or gradients.
+void check_params(const char* L, const MoeConfig& c, const Tensor& router, const Tensor& gate_up, const Tensor& down,
+                  DType dt, const char* prefix) {
   const int64_t E = c.num_experts, H = c.hidden, I = c.expert_ffn;
-  require(L, router, p.router, dt, {E, H});
-  require(L, gate_up, p.gate_up, dt, {E, H, 2 * I});
-  require(L, down, p.down, dt, {E, I, H});
+  const std::string p(prefix);
+  require(L, (p + "router").c_str(), router, dt, {E, H});
+  require(L, (p + "gate_up").c_str(), gate_up, dt, {E, H, 2 * I});
+  require(L, (p + "down").c_str(), down, dt, {E, I, H});
 }
 
 ValidMask check_valid(const char* L, const Tensor& valid, int64_t n) {
@@ -164,17 +200,11 @@ void forward_impl(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, Va
   const int64_t n = x.size(0), H = cfg.hidden, E = cfg.num_experts, K = cfg.top_k, I = cfg.expert_ffn;
   const int64_t pairs = n * K;
   const bool local = cfg.exchange == nullptr;
-  saved.probs = Tensor::empty(arena, {n, E}, dt);
-  saved.topk_expert = Tensor::empty(arena, {n, K}, DType::i64);
-  saved.topk_weight = Tensor::empty(arena, {n, K}, dt);
-  saved.expert_offsets = Tensor::empty(arena, {E + 1}, DType::i64);
-  saved.sorted_pair = Tensor::empty(arena, {pairs}, DType::i64);
-  saved.pair_row = Tensor::empty(arena, {pairs}, DType::i64);
-  saved.gate_up_out = local ? Tensor::empty(arena, {pairs, 2 * I}, dt) : Tensor();
+  saved_tensors(cfg, n, dt, !local, ArenaCarver(arena), saved);
   const size_t mark = arena.mark();
-  // Gathered inputs of each expert, overwritten in place by that expert's outputs.
-  T* rows = Tensor::empty(arena, {pairs, H}, dt).data<T>();
-  T* act = local ? Tensor::empty(arena, {pairs, I}, dt).data<T>() : nullptr;
+  const ForwardScratch scratch = forward_scratch(cfg, n, dt, !local, ArenaCarver(arena));
+  T* rows = scratch.rows.data<T>();
+  T* act = local ? scratch.act.data<T>() : nullptr;
 
   const T* xp = x.data<T>();
   T* probs = saved.probs.data<T>();
@@ -260,7 +290,7 @@ void forward_impl(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, Va
 template <class T>
 void backward_impl(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, ValidMask valid,
                    const MoeSaved& saved, const Tensor& dy, const Tensor& aux_dprob, const Tensor& dx,
-                   const MoeGrads& grads, Arena& arena) {
+                   const MoeGradients& grads, Arena& arena) {
   const DType dt = dtype_of<T>();
   const int64_t n = x.size(0), H = cfg.hidden, E = cfg.num_experts, K = cfg.top_k, I = cfg.expert_ffn;
   const int64_t pairs = n * K;
@@ -268,12 +298,12 @@ void backward_impl(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, V
   // Expert parallelism: rows carry each sorted row's routing weight out and its d weight back in column H.
   const int64_t ld = local ? H : H + 1;
   const size_t mark = arena.mark();
-  // Per sorted row: gathered dy, then gathered x, then d x of the pair.
-  T* rows = Tensor::empty(arena, {pairs, ld}, dt).data<T>();
-  T* act = local ? Tensor::empty(arena, {pairs, I}, dt).data<T>() : nullptr;
-  T* dh = local ? Tensor::empty(arena, {pairs, 2 * I}, dt).data<T>() : nullptr;
-  T* dweight = Tensor::empty(arena, {pairs}, dt).data<T>();
-  T* dprobs = Tensor::empty(arena, {n, E}, dt).data<T>();
+  const BackwardScratch scratch = backward_scratch(cfg, n, dt, !local, ArenaCarver(arena));
+  T* rows = scratch.rows.data<T>();
+  T* act = local ? scratch.act.data<T>() : nullptr;
+  T* dh = local ? scratch.dh.data<T>() : nullptr;
+  T* dweight = scratch.dweight.data<T>();
+  T* dprobs = scratch.dprobs.data<T>();
 
   const T* xp = x.data<T>();
   const T* dyp = dy.data<T>();
@@ -351,26 +381,32 @@ void backward_impl(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, V
 
 size_t moe_forward_arena_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype, bool expert_parallel,
                                Device device) {
-  const size_t f = dtype_size(dtype);
   if (device == Device::cuda) {
     Q3VL_CHECK(!expert_parallel, "moe_forward_arena_bytes: expert parallelism has no CUDA path");
-    return device_forward_bytes(cfg, tokens, f);
+    return device_forward_bytes(cfg, tokens, dtype);
   }
-  return saved_bytes(cfg, tokens, f, expert_parallel) + forward_scratch_bytes(cfg, tokens, f, expert_parallel);
+  ArenaSizer sizer;
+  MoeSaved saved;
+  saved_tensors(cfg, tokens, dtype, expert_parallel, sizer, saved);
+  forward_scratch(cfg, tokens, dtype, expert_parallel, sizer);
+  return sizer.bytes();
+}
+
+size_t moe_forward_transient_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype, bool expert_parallel) {
+  ArenaSizer sizer;
+  forward_scratch(cfg, tokens, dtype, expert_parallel, sizer);
+  return sizer.bytes();
 }
 
 size_t moe_backward_scratch_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype, bool expert_parallel,
                                   Device device) {
-  const size_t f = dtype_size(dtype);
   if (device == Device::cuda) {
     Q3VL_CHECK(!expert_parallel, "moe_backward_scratch_bytes: expert parallelism has no CUDA path");
-    return device_backward_bytes(cfg, tokens, f);
+    return device_backward_bytes(cfg, tokens, dtype);
   }
-  const int64_t pairs = tokens * cfg.top_k;
-  if (expert_parallel)
-    return bytes_of(pairs * (cfg.hidden + 1), f) + bytes_of(pairs, f) + bytes_of(tokens * cfg.num_experts, f);
-  return bytes_of(pairs * cfg.hidden, f) + bytes_of(pairs * cfg.expert_ffn, f) +
-         bytes_of(pairs * 2 * cfg.expert_ffn, f) + bytes_of(pairs, f) + bytes_of(tokens * cfg.num_experts, f);
+  ArenaSizer sizer;
+  backward_scratch(cfg, tokens, dtype, expert_parallel, sizer);
+  return sizer.bytes();
 }
 
 void moe_forward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, const Tensor& valid,
@@ -380,7 +416,7 @@ void moe_forward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, con
   const char* L = "moe_forward";
   check_config(L, cfg);
   const DType dt = w.router.dtype();
-  check_params(L, cfg, w, dt, "w.router", "w.gate_up", "w.down");
+  check_params(L, cfg, w.router, w.gate_up, w.down, dt, "w.");
   require(L, "x", x, dt, {-1, cfg.hidden});
   const int64_t n = x.size(0);
   require(L, "y", y, dt, {n, cfg.hidden});
@@ -397,7 +433,7 @@ void moe_forward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, con
 
 void moe_backward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, const Tensor& valid,
                   const MoeSaved& saved, const Tensor& dy, const Tensor& aux_dprob, const Tensor& dx,
-                  const MoeGrads& grads, Arena& scratch) {
+                  const MoeGradients& grads, Arena& scratch) {
   if (on_cuda({&x, &w.router, &w.gate_up, &w.down, &valid, &saved.probs, &dy, &aux_dprob, &dx, &grads.router,
                &grads.gate_up, &grads.down}))
     return cuda_layers().moe_backward(cfg, w, x, valid, saved, dy, aux_dprob, dx, grads, scratch);
@@ -405,8 +441,8 @@ void moe_backward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, co
   check_config(L, cfg);
   const DType dt = w.router.dtype();
   const int64_t E = cfg.num_experts, H = cfg.hidden, K = cfg.top_k, I = cfg.expert_ffn;
-  check_params(L, cfg, w, dt, "w.router", "w.gate_up", "w.down");
-  check_params(L, cfg, grads, dt, "grads.router", "grads.gate_up", "grads.down");
+  check_params(L, cfg, w.router, w.gate_up, w.down, dt, "w.");
+  check_params(L, cfg, grads.router, grads.gate_up, grads.down, dt, "grads.");
   require(L, "x", x, dt, {-1, H});
   const int64_t n = x.size(0);
   require(L, "dy", dy, dt, {n, H});

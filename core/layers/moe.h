@@ -61,14 +61,19 @@ class ExpertExchange {
 // probs + score_bias. DeepSeek-V3 adds its bias to sigmoid scores; with HF's softmax router it is added to the
 // softmax probabilities (not the logits), so a bias is in probability units whatever the logits' scale. It
 // only selects: combine weights, the aux loss and every gradient use the unbiased probabilities. It is state,
-// not a parameter (no gradient; grads.score_bias is ignored); the CPU path only.
+// not a parameter (MoeGradients has none); the CPU path only.
 struct MoeWeights {
   Tensor router;
   Tensor gate_up;
   Tensor down;
   Tensor score_bias = {};  // initialised, so {router, gate_up, down} is a complete "no bias" initializer
 };
-using MoeGrads = MoeWeights;
+// Gradients of the parameters, same shapes as their weights. score_bias has none: it is state.
+struct MoeGradients {
+  Tensor router;
+  Tensor gate_up;
+  Tensor down;
+};
 
 // What the backward needs, carved by moe_forward from its saved arena. Pair p = t * k + s is slot s of
 // token t.
@@ -113,6 +118,8 @@ struct MoeStats {
 // router probabilities and routing weights in f32 whatever the activation dtype (f32 or bf16).
 size_t moe_forward_arena_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype, bool expert_parallel = false,
                                Device device = Device::cpu);
+// The part of moe_forward_arena_bytes the forward only borrows (released before it returns); CPU path.
+size_t moe_forward_transient_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype, bool expert_parallel = false);
 // Bytes moe_backward takes (and releases) from its scratch arena for N tokens.
 size_t moe_backward_scratch_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype, bool expert_parallel = false,
                                   Device device = Device::cpu);
@@ -134,7 +141,7 @@ void moe_forward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, con
 // share only (sum it over ranks like any replicated weight).
 void moe_backward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, const Tensor& valid,
                   const MoeSaved& saved, const Tensor& dy, const Tensor& aux_dprob, const Tensor& dx,
-                  const MoeGrads& grads, Arena& scratch);
+                  const MoeGradients& grads, Arena& scratch);
 
 // Bytes of the growable expert-parallel buffers of one MoE layer currently held (capacity), for memory reports,
 // and of the transient buffers every layer shares through the exchange.

@@ -172,7 +172,7 @@ void expert_parallel_forward(const MoeConfig& cfg, const MoeWeights& w, const fl
 
 void expert_parallel_backward(const MoeConfig& cfg, const MoeWeights& w, const float* dy, const float* topk_weight,
                               int64_t pairs, const int64_t* offsets, const int64_t* sorted_pair,
-                              const MoeSaved& saved, const MoeGrads& grads, float* rows) {
+                              const MoeSaved& saved, const MoeGradients& grads, float* rows) {
   ExpertExchange& ex = *cfg.exchange;
   const int64_t E = cfg.num_experts, H = cfg.hidden, I = cfg.expert_ffn, K = cfg.top_k, W = H + 1;
   const Blocks b = lay_out(ex, E, offsets, saved.ep_counts.data(), grown(ex.index, index_size(E, ex.size())));

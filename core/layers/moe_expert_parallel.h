@@ -70,7 +70,7 @@ void expert_parallel_forward(const MoeConfig& cfg, const MoeWeights& w, const fl
 // d x (first H columns) and d loss / d routing weight (last column).
 void expert_parallel_backward(const MoeConfig& cfg, const MoeWeights& w, const float* dy, const float* topk_weight,
                               int64_t pairs, const int64_t* offsets, const int64_t* sorted_pair,
-                              const MoeSaved& saved, const MoeGrads& grads, float* rows);
+                              const MoeSaved& saved, const MoeGradients& grads, float* rows);
 
 // The expert-parallel preconditions (f32, E divisible by the group size), naming the layer function L.
 void check_expert_parallel(const char* L, const MoeConfig& cfg, DType dtype);

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <span>
 
+#include "core/arena_layout.h"
 #include "core/kernels/cuda_layers.h"
 #include "core/layer_checks.h"
 #include "core/layers/activations.h"
@@ -292,18 +293,48 @@ void vision_pos_embed_backward(const Tensor& idx, const Tensor& weight, const Te
 
 // ---- Patch merger ----
 
+namespace {
+
+// The saved tensors, in carving order, for `local` fc1 features (all of them without tensor parallelism).
+template <class Carve>
+PatchMergerSaved merger_saved_tensors(const PatchMergerConfig& config, const MergerDims& d, int64_t local, DType dt,
+                                      Carve&& carve) {
+  PatchMergerSaved s;
+  s.normed = carve({d.tokens, config.merged()}, dt);
+  s.mean = carve({d.norm_rows}, stat_dtype(dt));
+  s.rstd = carve({d.norm_rows}, stat_dtype(dt));
+  s.fc1_out = carve({d.tokens, local}, dt);
+  return s;
+}
+
+// The backward's scratch: d normed (which first holds fc2's recomputed input), then d act.
+struct MergerScratch {
+  Tensor d_normed, d_act;
+};
+template <class Carve>
+MergerScratch merger_scratch_tensors(const PatchMergerConfig& config, const MergerDims& d, int64_t local, DType dt,
+                                     Carve&& carve) {
+  MergerScratch s;
+  s.d_normed = carve({d.tokens, config.merged()}, dt);
+  s.d_act = carve({d.tokens, local}, dt);
+  return s;
+}
+
+}  // namespace
+
 size_t patch_merger_saved_bytes(const PatchMergerConfig& config, int64_t num_patches, DType dtype) {
   const MergerDims d = merger_dims("patch_merger_saved_bytes", config, num_patches);
-  const size_t s = dtype_size(dtype);
-  const size_t token_matrix = Arena::aligned(static_cast<size_t>(d.tokens * config.merged()) * s);
-  const size_t row_stat = Arena::aligned(static_cast<size_t>(d.norm_rows) * dtype_size(stat_dtype(dtype)));
-  return 2 * token_matrix + 2 * row_stat;
+  ArenaSizer sizer;
+  merger_saved_tensors(config, d, config.merged(), dtype, sizer);
+  return sizer.bytes();
 }
 
 size_t patch_merger_scratch_bytes(const PatchMergerConfig& config, int64_t num_patches, DType dtype) {
   const MergerDims d = merger_dims("patch_merger_scratch_bytes", config, num_patches);
-  // The forward borrows one [M, merged] buffer (the activation), the backward two.
-  return 2 * Arena::aligned(static_cast<size_t>(d.tokens * config.merged()) * dtype_size(dtype));
+  // The backward's two buffers; the forward borrows one [M, local] activation, no more than either.
+  ArenaSizer sizer;
+  merger_scratch_tensors(config, d, config.merged(), dtype, sizer);
+  return sizer.bytes();
 }
 
 PatchMergerSaved patch_merger_forward(const PatchMergerConfig& config, const PatchMergerWeights& w, const Tensor& x,
@@ -315,11 +346,7 @@ PatchMergerSaved patch_merger_forward(const PatchMergerConfig& config, const Pat
   const int64_t k = config.merged();
   require_on(x.device(), L, "y", y, dt, {d.tokens, config.out_hidden});
 
-  PatchMergerSaved saved;
-  saved.normed = Tensor::empty(arena, {d.tokens, k}, dt);
-  saved.mean = Tensor::empty(arena, {d.norm_rows}, stat_dtype(dt));
-  saved.rstd = Tensor::empty(arena, {d.norm_rows}, stat_dtype(dt));
-  saved.fc1_out = Tensor::empty(arena, {d.tokens, local}, dt);
+  PatchMergerSaved saved = merger_saved_tensors(config, d, local, dt, ArenaCarver(arena));
   if (config.use_postshuffle_norm)
     layernorm_forward(x.view({d.tokens, k}), w.norm_w, w.norm_b, config.eps, saved.normed, saved.mean, saved.rstd);
   else
@@ -357,8 +384,8 @@ void patch_merger_backward(const PatchMergerConfig& config, const PatchMergerWei
   if (dx.defined()) require_on(dev, L, "dx", dx, dt, {d.patches, config.hidden});
 
   const size_t mark = scratch.mark();
-  const Tensor d_normed = Tensor::empty(scratch, {d.tokens, k}, dt);
-  const Tensor d_act = Tensor::empty(scratch, {d.tokens, local}, dt);
+  const MergerScratch t = merger_scratch_tensors(config, d, local, dt, ArenaCarver(scratch));
+  const Tensor &d_normed = t.d_normed, &d_act = t.d_act;
   // fc2's input, recomputed rather than saved, in d_normed's memory: fc1's backward reads it no more.
   const Tensor act(d_normed.raw(), dt, {d.tokens, local}, d_normed.device());
   gelu_forward(Gelu::erf, saved.fc1_out, act);

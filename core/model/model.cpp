@@ -7,6 +7,7 @@
 #include <optional>
 #include <span>
 
+#include "core/arena_layout.h"
 #include "core/checked_math.h"
 #include "core/layer_checks.h"
 #include "core/layers/cross_entropy.h"
@@ -24,11 +25,9 @@ namespace {
 
 constexpr const char* kForward = "Model::forward";
 
-size_t bytes(int64_t elems, DType dtype) { return Arena::aligned(static_cast<size_t>(elems) * dtype_size(dtype)); }
-
 // The aux loss's d / d probs: [E] (pooled) or [MoE layers, E] (per-layer), sized for the larger.
 size_t aux_dprob_bytes(const ModelConfig& c, DType dtype) {
-  return bytes(std::max(c.num_moe_layers(), 1) * static_cast<int64_t>(std::max(c.text.num_experts, 1)), dtype);
+  return arena_bytes(std::max(c.num_moe_layers(), 1) * static_cast<int64_t>(std::max(c.text.num_experts, 1)), dtype);
 }
 
 // Merged tokens and frames of the items of one grid tensor (undefined: none).
@@ -82,13 +81,13 @@ BatchShape BatchShape::of(const Batch& b) {
 size_t Workspace::activation_bytes(const ModelConfig& c, const BatchShape& s, DType dt, bool expert_parallel) {
   const int64_t n = s.tokens(), h = c.text.hidden_size, visual = s.patches() / c.vision.merge_unit();
   // Layout: ids copy, targets, valid, cu_seqlens, doc_real, cos, sin, visual positions.
-  size_t total = 2 * bytes(n, DType::i64) + bytes(n, DType::u8) + bytes(n + 1, DType::i64) + bytes(n, DType::i64) + 2 * bytes(n * c.text.head_dim, dt) +
-                 bytes(visual, DType::i64);
+  size_t total = 2 * arena_bytes(n, DType::i64) + arena_bytes(n, DType::u8) + arena_bytes(n + 1, DType::i64) +
+                 arena_bytes(n, DType::i64) + 2 * arena_bytes(n * c.text.head_dim, dt) + arena_bytes(visual, DType::i64);
   if (s.patches() > 0) {
-    total += bytes(3 * s.items, DType::i64);
+    total += arena_bytes(3 * s.items, DType::i64);
     total += vision_tower_activation_bytes(c.vision, {s.patches(), s.items, s.frames}, dt);
   }
-  total += bytes(n * h, dt);
+  total += arena_bytes(n * h, dt);
   size_t transient = 0;
   for (int l = 0; l < c.text.num_hidden_layers; ++l) {
     const size_t t = decoder_layer_transient_bytes(c, l, n, dt, expert_parallel);
@@ -96,22 +95,22 @@ size_t Workspace::activation_bytes(const ModelConfig& c, const BatchShape& s, DT
     transient = std::max(transient, t);
   }
   total += transient;
-  total += bytes(n * h, dt) + 2 * bytes(n, dt) + bytes(n * c.text.vocab_size, dt) + aux_dprob_bytes(c, dt);
+  total += arena_bytes(n * h, dt) + 2 * arena_bytes(n, dt) + arena_bytes(n * c.text.vocab_size, dt) + aux_dprob_bytes(c, dt);
   return total;
 }
 
 size_t Workspace::scratch_bytes(const ModelConfig& c, const BatchShape& s, DType dt, bool expert_parallel) {
   const int64_t n = s.tokens(), h = c.text.hidden_size, visual = s.patches() / c.vision.merge_unit();
   const size_t visual_grads =
-      (1 + c.vision.deepstack_visual_indexes.size()) * bytes(visual * c.vision.out_hidden_size, dt);
+      (1 + c.vision.deepstack_visual_indexes.size()) * arena_bytes(visual * c.vision.out_hidden_size, dt);
   size_t layer = 0;
   for (int l = 0; l < c.text.num_hidden_layers; ++l)
     layer = std::max(layer, decoder_layer_scratch_bytes(c, l, n, s.seq, dt, expert_parallel));
-  const size_t text = 2 * bytes(n * h, dt) + aux_dprob_bytes(c, dt) + layer;
+  const size_t text = 2 * arena_bytes(n * h, dt) + aux_dprob_bytes(c, dt) + layer;
   const size_t vision =
       s.patches() > 0 ? vision_tower_scratch_bytes(c.vision, {s.patches(), s.items, s.frames}, dt) : 0;
   // The forward borrows the position ids [3, N] before anything else.
-  return std::max(bytes(3 * n, DType::i64), visual_grads + std::max(text, vision));
+  return std::max(arena_bytes(3 * n, DType::i64), visual_grads + std::max(text, vision));
 }
 
 Workspace::Workspace(const Model& model, const BatchShape& capacity)

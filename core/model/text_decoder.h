@@ -12,6 +12,7 @@
 #include "core/arena.h"
 #include "core/layers/attention_block.h"
 #include "core/layers/moe.h"
+#include "core/layers/swiglu_mlp.h"
 #include "core/layers/tensor_parallel.h"
 #include "core/model/config.h"
 #include "core/model/param_store.h"
@@ -24,7 +25,7 @@ struct DecoderLayerWeights {
   AttentionWeights attn;
   bool moe = false;
   MoeWeights experts;                   // MoE layers: router, fused gate_up [E,H,2I], down [E,I,H]
-  Tensor gate_proj, up_proj, down_proj;  // dense layers: nn.Linear [I,H], [I,H], [H,I]
+  SwigluMlpWeights mlp;                  // dense layers
 };
 
 // Views into a ParamStore (weights or gradients). lm_head is the embedding table when tied, so its
@@ -56,7 +57,7 @@ struct DecoderLayerSaved {
   Tensor h_mid, normed2, rstd2;
   MoeSaved moe;
   MoeStats stats;
-  Tensor gate_up, act;  // dense MLP: [N, 2I] projections and [N, I] SwiGLU output
+  SwigluMlpSaved mlp;  // dense layers
   Tensor h_out;
 };
 
@@ -84,12 +85,5 @@ void decoder_layer_forward(const ModelConfig& config, int layer, const DecoderLa
 void decoder_layer_backward(const ModelConfig& config, int layer, const DecoderLayerWeights& w,
                             const TextContext& ctx, const DecoderLayerSaved& s, const Tensor& dh,
                             const Tensor& aux_dprob, const DecoderLayerWeights& g, Arena& scratch);
-
-// Attention output rows of padding queries as HF's masks compute them: each padding token of a document
-// attends (GQA, softmax(q k^T * scale)) to the real tokens of its document. q [N, Hq, D], k and v
-// [N, Hkv, D] are the rotated attention inputs; out [P, Hq, D] receives the padding rows of document d,
-// P = its padding count.
-void padding_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t doc_begin, int64_t real,
-                       double scale, const Tensor& out);
 
 }  // namespace q3vl

@@ -7,6 +7,7 @@
 #include <optional>
 #include <string>
 
+#include "core/arena_layout.h"
 #include "core/checked_math.h"
 #include "core/layer_checks.h"
 #include "core/layers/activations.h"
@@ -19,7 +20,35 @@ namespace q3vl {
 
 namespace {
 
-size_t bytes(int64_t elems, DType dtype) { return Arena::aligned(static_cast<size_t>(elems) * dtype_size(dtype)); }
+// A block's own saved tensors (the attention block carves its own), in carving order, for p patches and inter
+// local MLP features.
+template <class Carve>
+void block_tensors(int64_t p, int64_t d, int64_t inter, DType dt, Carve&& carve, VisionBlockSaved& s) {
+  s.ln1 = carve({p, d}, dt);
+  s.mean1 = carve({p}, dt);
+  s.rstd1 = carve({p}, dt);
+  s.x_mid = carve({p, d}, dt);
+  s.ln2 = carve({p, d}, dt);
+  s.mean2 = carve({p}, dt);
+  s.rstd2 = carve({p}, dt);
+  s.fc1_out = carve({p, inter}, dt);
+  s.act = carve({p, inter}, dt);
+  s.x_out = carve({p, d}, dt);
+}
+
+// The backward's own scratch: dx, d_mid, d_ln [P, D] and d_act [P, I].
+struct BackwardScratch {
+  Tensor dx, d_mid, d_ln, d_act;
+};
+template <class Carve>
+BackwardScratch backward_tensors(int64_t p, int64_t d, int64_t inter, DType dt, Carve&& carve) {
+  BackwardScratch t;
+  t.dx = carve({p, d}, dt);
+  t.d_mid = carve({p, d}, dt);
+  t.d_ln = carve({p, d}, dt);
+  t.d_act = carve({p, inter}, dt);
+  return t;
+}
 
 // The attention of one block on a rank holding 1 / parts of the heads.
 AttentionConfig attention_config(const VisionConfig& c, int parts = 1) {
@@ -211,30 +240,33 @@ void vision_rotary_coordinates(const Tensor& grid, int64_t merge, const Tensor& 
 
 size_t vision_tower_activation_bytes(const VisionConfig& c, const VisionShape& s, DType dt) {
   const int64_t p = s.patches, d = c.hidden_size, inter = c.intermediate_size, m = p / c.merge_unit();
-  size_t total = bytes(3 * s.items, DType::i64) + bytes(s.frames + 1, DType::i64) + bytes(4 * p, DType::i64) +
-                 bytes(4 * p, dt) + 2 * bytes(p * c.head_dim(), dt) + bytes(p * d, dt);
-  const size_t block = bytes(p * d, dt) + 2 * bytes(p, dt) + attention_block_saved_bytes(attention_config(c), p, dt) +
-                       bytes(p * d, dt) + bytes(p * d, dt) + 2 * bytes(p, dt) + 2 * bytes(p * inter, dt) +
-                       bytes(p * d, dt);
-  total += static_cast<size_t>(c.depth) * block;
-  const size_t out = bytes(m * c.out_hidden_size, dt);
+  size_t total = arena_bytes(3 * s.items, DType::i64) + arena_bytes(s.frames + 1, DType::i64) +
+                 arena_bytes(4 * p, DType::i64) + arena_bytes(4 * p, dt) + 2 * arena_bytes(p * c.head_dim(), dt) +
+                 arena_bytes(p * d, dt);
+  ArenaSizer block;
+  VisionBlockSaved unused;
+  block_tensors(p, d, inter, dt, block, unused);
+  total += static_cast<size_t>(c.depth) * (block.bytes() + attention_block_saved_bytes(attention_config(c), p, dt));
+  const size_t out = arena_bytes(m * c.out_hidden_size, dt);
   total += patch_merger_saved_bytes(merger_config(c, false), p, dt) + out;
   total += c.deepstack_visual_indexes.size() * (patch_merger_saved_bytes(merger_config(c, true), p, dt) + out);
   // Transients on top of the activation arena: the position embedding before it is added, and the
   // mergers' GELU buffer.
-  total += std::max({bytes(p * d, dt), patch_merger_scratch_bytes(merger_config(c, false), p, dt),
+  total += std::max({arena_bytes(p * d, dt), patch_merger_scratch_bytes(merger_config(c, false), p, dt),
                      patch_merger_scratch_bytes(merger_config(c, true), p, dt)});
   return total;
 }
 
 size_t vision_tower_scratch_bytes(const VisionConfig& c, const VisionShape& s, DType dt) {
   const int64_t p = s.patches, d = c.hidden_size, inter = c.intermediate_size;
-  const size_t forward = 2 * bytes(p, DType::i64);
+  const size_t forward = 2 * arena_bytes(p, DType::i64);
   // Backward: dx, d_mid, d_ln [P, D] and d_act [P, I], then the largest sub-layer scratch.
   const size_t sub = std::max({attention_block_scratch_bytes(attention_config(c), p, dt),
                                patch_merger_scratch_bytes(merger_config(c, false), p, dt),
                                patch_merger_scratch_bytes(merger_config(c, true), p, dt)});
-  const size_t backward = 3 * bytes(p * d, dt) + bytes(p * inter, dt) + sub;
+  ArenaSizer own;
+  backward_tensors(p, d, inter, dt, own);
+  const size_t backward = own.bytes() + sub;
   return std::max(forward, backward);
 }
 
@@ -312,25 +344,16 @@ void vision_tower_forward(const VisionConfig& c, const VisionTowerWeights& w, co
     VisionBlockSaved& s = st.blocks[b];
     const VisionBlockWeights& bw = w.blocks[b];
     s.x_in = x;
-    s.ln1 = Tensor::empty(acts, {patches, d}, dt);
-    s.mean1 = Tensor::empty(acts, {patches}, dt);
-    s.rstd1 = Tensor::empty(acts, {patches}, dt);
+    block_tensors(patches, d, inter, dt, ArenaCarver(acts), s);
     layernorm_forward(x, bw.norm1_w, bw.norm1_b, c.layer_norm_eps, s.ln1, s.mean1, s.rstd1);
-    s.x_mid = Tensor::empty(acts, {patches, d}, dt);
     AttentionWeights attn_w = bw.attn;
     if (!adds_bias) attn_w.bo = Tensor{};
     s.attn = attention_block_forward(acfg, attn_w, s.ln1, st.cos, st.sin, st.cu_seqlens, acts, s.x_mid);
     tp_all_reduce(tp, s.x_mid);
     add_into(s.x_mid, x);
-    s.ln2 = Tensor::empty(acts, {patches, d}, dt);
-    s.mean2 = Tensor::empty(acts, {patches}, dt);
-    s.rstd2 = Tensor::empty(acts, {patches}, dt);
     layernorm_forward(s.x_mid, bw.norm2_w, bw.norm2_b, c.layer_norm_eps, s.ln2, s.mean2, s.rstd2);
-    s.fc1_out = Tensor::empty(acts, {patches, inter}, dt);
-    s.act = Tensor::empty(acts, {patches, inter}, dt);
     linear_forward(s.ln2, bw.fc1_w, bw.fc1_b, s.fc1_out);
     gelu_forward(Gelu::tanh, s.fc1_out, s.act);
-    s.x_out = Tensor::empty(acts, {patches, d}, dt);
     linear_forward(s.act, bw.fc2_w, adds_bias ? bw.fc2_b : Tensor{}, s.x_out);
     tp_all_reduce(tp, s.x_out);
     add_into(s.x_out, s.x_mid);
@@ -362,10 +385,8 @@ void vision_tower_backward(const VisionConfig& c, const VisionTowerWeights& w, c
     require(L, "d_deepstack", d_deepstack[k], dt, {st.embeds.size(0), c.out_hidden_size});
 
   const size_t mark = scratch.mark();
-  const Tensor dx = Tensor::empty(scratch, {patches, d}, dt);
-  const Tensor d_mid = Tensor::empty(scratch, {patches, d}, dt);
-  const Tensor d_ln = Tensor::empty(scratch, {patches, d}, dt);
-  const Tensor d_act = Tensor::empty(scratch, {patches, inter}, dt);
+  const BackwardScratch t = backward_tensors(patches, d, inter, dt, ArenaCarver(scratch));
+  const Tensor &dx = t.dx, &d_mid = t.d_mid, &d_ln = t.d_ln, &d_act = t.d_act;
   const Tensor& x_last = st.blocks[c.depth - 1].x_out;
   patch_merger_backward(merger_config(c, false), w.merger, x_last, st.merger, d_embeds, dx, grads.merger, scratch,
                         tp);

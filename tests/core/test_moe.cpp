@@ -23,7 +23,7 @@ struct MoeLayer {
   Tensor router, gate_up, down;
   Tensor d_router, d_gate_up, d_down;
   MoeWeights weights() const { return {router, gate_up, down}; }
-  MoeGrads grads() const { return {d_router, d_gate_up, d_down}; }
+  MoeGradients grads() const { return {d_router, d_gate_up, d_down}; }
 };
 
 MoeLayer make_layer(const MoeConfig& c, uint64_t seed, DType dt = DType::f64) {
@@ -634,12 +634,12 @@ TEST(Moe, RejectsBadArgumentsNamingThem) {
   arena.reset();
   moe_forward(cfg, l.weights(), x, Tensor{}, arena, saved, y, stats);
   Tensor dx = zeros_tensor({n, 5});
-  auto bwd = [&](const Tensor& dy, const Tensor& aux, const MoeGrads& g) {
+  auto bwd = [&](const Tensor& dy, const Tensor& aux, const MoeGradients& g) {
     return [&, dy, aux, g] { moe_backward(cfg, l.weights(), x, Tensor{}, saved, dy, aux, dx, g, test_arena()); };
   };
   expect_error(bwd(zeros_tensor({n, 4}), Tensor{}, l.grads()), "moe_backward: dy has shape [4,4], expected [4,5]");
   expect_error(bwd(y, zeros_tensor({7}), l.grads()), "moe_backward: aux_dprob has shape [7], expected [8]");
-  MoeGrads g = l.grads();
+  MoeGradients g = l.grads();
   g.down = zeros_tensor({8, 5, 3});
   expect_error(bwd(y, Tensor{}, g), "moe_backward: grads.down has shape [8,5,3], expected [8,3,5]");
   Arena tiny("tiny", 64);

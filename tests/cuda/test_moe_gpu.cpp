@@ -133,8 +133,8 @@ void check_moe(const MoeCase& c, DType dt, DType grad_dt = DType::f32, DType val
   moe_forward(cfg, w, in.x, in.valid, host_arena(), saved, y, stats);
   EXPECT_GE(routing_margin(saved.probs, c.K), 0.4 * kStep) << "the inputs do not separate the top-k";
   const Tensor dx = Tensor::empty(host_arena(), {n, H}, DType::f32);
-  const MoeGrads grads{g_router, g_gate_up, g_down};
-  const MoeGrads grads_d{to_device(g_router, grad_dt), to_device(g_gate_up, grad_dt), to_device(g_down, grad_dt)};
+  const MoeGradients grads{g_router, g_gate_up, g_down};
+  const MoeGradients grads_d{to_device(g_router, grad_dt), to_device(g_gate_up, grad_dt), to_device(g_down, grad_dt)};
   moe_backward(cfg, w, in.x, in.valid, saved, in.dy, in.aux, dx, grads, host_arena());
 
   // Device, in arenas of exactly the sizes the byte functions give.
@@ -244,7 +244,7 @@ TEST(GpuMoe, Deterministic) {
     MoeStats stats = device_stats(c.E);
     const Tensor yd = poisoned({c.n, c.H}, dt), dxd = poisoned({c.n, c.H}, dt);
     moe_forward(cfg, wd, xd, valid_d, saved_arena, saved, yd, stats);
-    const MoeGrads g{Tensor::zeros(device_arena(), {c.E, c.H}, DType::f32),
+    const MoeGradients g{Tensor::zeros(device_arena(), {c.E, c.H}, DType::f32),
                      Tensor::zeros(device_arena(), {c.E, c.H, 2 * c.I}, DType::f32),
                      Tensor::zeros(device_arena(), {c.E, c.I, c.H}, DType::f32)};
     moe_backward(cfg, wd, xd, valid_d, saved, dyd, Tensor(), dxd, g, scratch);

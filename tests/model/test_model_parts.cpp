@@ -7,8 +7,8 @@
 #include <vector>
 
 #include "core/layers/attention.h"
+#include "core/layers/padding_attention.h"
 #include "core/layers/vision.h"
-#include "core/model/text_decoder.h"
 #include "core/model/vision_tower.h"
 #include "tests/support/gradcheck.h"
 

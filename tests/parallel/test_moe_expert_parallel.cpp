@@ -51,7 +51,7 @@ struct TestMemory {
 
 struct Layer {
   MoeWeights w;
-  MoeGrads g;
+  MoeGradients g;
 };
 
 // The same weights on every rank (fixed seeds). With prefer_rank0, experts 0 and 1 (rank 0's in every layout)

@@ -47,7 +47,7 @@ class CudaLayersImpl final : public CudaLayers {
                            Arena& saved_arena, MoeSaved& saved, const Tensor& y, MoeStats& stats) const override;
   void moe_backward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, const Tensor& valid,
                             const MoeSaved& saved, const Tensor& dy, const Tensor& aux_dprob, const Tensor& dx,
-                            const MoeWeights& grads, Arena& scratch) const override;
+                            const MoeGradients& grads, Arena& scratch) const override;
   void adamw_update(const AdamWTensorUpdate& u, const AdamWOptions& options, int64_t step) const override;
 };
 

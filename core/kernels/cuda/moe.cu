@@ -390,7 +390,7 @@ void forward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, const T
 
 template <class T>
 void backward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, const Tensor& valid, const MoeSaved& saved,
-              const Tensor& dy, const Tensor& aux_dprob, const Tensor& dx, const MoeGrads& grads, Arena& arena) {
+              const Tensor& dy, const Tensor& aux_dprob, const Tensor& dx, const MoeGradients& grads, Arena& arena) {
   const DType dt = x.dtype();
   const int64_t n = x.size(0), H = cfg.hidden, E = cfg.num_experts, K = cfg.top_k, I = cfg.expert_ffn;
   const int64_t pairs = n * K;
@@ -495,7 +495,7 @@ void CudaLayersImpl::moe_forward(const MoeConfig& cfg, const MoeWeights& w, cons
 
 void CudaLayersImpl::moe_backward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, const Tensor& valid,
                                   const MoeSaved& saved, const Tensor& dy, const Tensor& aux_dprob, const Tensor& dx,
-                                  const MoeWeights& grads, Arena& scratch) const {
+                                  const MoeGradients& grads, Arena& scratch) const {
   const char* L = "moe_backward";
   check_config(L, cfg);
   require_float_dtype(L, "x", x);
