@@ -757,7 +757,8 @@ StepRecord Trainer::Impl::train_step() {
     for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
   }
   beat("step " + std::to_string(step + 1) + ": loading micro-batches");
-  for (int k = 0; k < cfg.train.grad_accum; ++k) micro.push_back(std::make_unique<TrainBatch>(loader->next()));
+  for (int k = 0; k < cfg.train.grad_accum; ++k)
+    micro.push_back(std::make_unique<TrainBatch>(loader->next(), model->config(), model->dtype()));
   BatchShape need = micro[0]->shape();
   for (const auto& b : micro) {
     need = batch_shape_max(need, b->shape());
@@ -791,7 +792,7 @@ StepRecord Trainer::Impl::train_step() {
   if (grid->data().size() > 1) fo.expert_stats_reducer = [this](std::vector<MoeStats>& layers) { reduce_expert_stats(layers); };
   for (const auto& b : micro) {
     beat("step " + std::to_string(step + 1) + ": forward and backward");
-    const ForwardResult r = model->forward(b->batch(), *workspace, fo);
+    const ForwardResult r = model->forward(b->plan(), b->batch(), *workspace, fo);
     rec.ce_loss += r.ce_loss * static_cast<double>(r.ce_tokens) / static_cast<double>(normalizer);
     rec.aux_loss += r.aux_loss / cfg.train.grad_accum;
     finite = finite && std::isfinite(r.loss);
@@ -809,7 +810,7 @@ StepRecord Trainer::Impl::train_step() {
     BackwardOptions bo;
     bo.ce_normalizer = normalizer;
     bo.aux_scale = 1.0 / cfg.train.grad_accum;
-    model->backward(*workspace, bo);
+    model->backward(b->plan(), *workspace, bo);
   }
   {
     double sums[2] = {rec.ce_loss, finite ? 0.0 : 1.0};
