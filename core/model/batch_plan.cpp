@@ -172,7 +172,7 @@ BatchPlan plan_batch(const ModelConfig& c, DType dt, const Batch& batch) {
   const VisionShape vision{plan.shape.patches(), plan.shape.items, plan.shape.frames};
   plan.storage = std::make_unique<Arena>(
       "batch plan", bytes(docs + 1, DType::i64) + bytes(docs, DType::i64) + bytes(n, DType::u8) +
-                        4 * bytes(n, DType::i64) + bytes(visual, DType::i64) +
+                        bytes(n, DType::i64) + bytes(3 * n, DType::i64) + bytes(visual, DType::i64) +
                         (plan.has_vision ? vision_plan_bytes(vision, dt) : 0));
   Arena& storage = *plan.storage;
   plan.cu_seqlens = Tensor::empty(storage, {docs + 1}, DType::i64);
