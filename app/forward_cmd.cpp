@@ -54,9 +54,10 @@ int run_forward(const std::vector<std::string>& args) {
   check_weights_finite(*model, model_dir);
   const io::HostBatch host = io::read_hdf5_batch(batch_path, io::batch_limits(model->config()));
   io::BatchTensors tensors(host, DType::f32);
-  Workspace ws(*model, BatchShape::of(tensors.batch()));
+  const BatchPlan plan = plan_batch(model->config(), model->dtype(), tensors.batch());
+  Workspace ws(*model, plan.shape);
   const auto t1 = std::chrono::steady_clock::now();
-  const ForwardResult r = model->forward(tensors.batch(), ws);
+  const ForwardResult r = model->forward(plan, tensors.batch(), ws);
   const double fwd_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
 
   io::Hdf5Writer out(out_path);

@@ -13,7 +13,7 @@ Tensor host_tensor(std::vector<int64_t>& v, Shape shape) { return Tensor(v.data(
 
 }  // namespace
 
-TrainBatch::TrainBatch(const io::Batch& s) {
+TrainBatch::TrainBatch(const io::Batch& s, const ModelConfig& config, DType dtype) {
   const int64_t n = s.num_tokens();
   Q3VL_CHECK(n > 0, "train: empty batch");
   Q3VL_CHECK(s.labels.size() == s.tokens.size(), "train: batch has ", s.labels.size(), " labels for ", n, " tokens");
@@ -22,10 +22,7 @@ TrainBatch::TrainBatch(const io::Batch& s) {
   ids_.assign(s.tokens.begin(), s.tokens.end());
   labels_.assign(s.labels.begin(), s.labels.end());
   cu_.assign(s.cu_seqlens.begin(), s.cu_seqlens.end());
-  for (size_t d = 0; d + 1 < cu_.size(); ++d) {
-    document_tokens_.push_back(cu_[d + 1] - cu_[d]);
-    for (int64_t i = cu_[d] + 1; i < cu_[d + 1]; ++i) target_tokens_ += labels_[i] != -100;
-  }
+  for (size_t d = 0; d + 1 < cu_.size(); ++d) document_tokens_.push_back(cu_[d + 1] - cu_[d]);
 
   const size_t items = s.item_kind.size();
   Q3VL_CHECK(s.grid_thw.size() == 3 * items, "train: batch has ", s.grid_thw.size() / 3, " grids for ", items, " items");
@@ -59,6 +56,7 @@ TrainBatch::TrainBatch(const io::Batch& s) {
     batch_.pixel_values_videos =
         Tensor(video_pixels_.data(), DType::f32, {static_cast<int64_t>(video_pixels_.size()) / features, features});
   }
+  plan_ = plan_batch(config, dtype, batch_);
 }
 
 int64_t TrainBatch::patches() const {

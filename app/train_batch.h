@@ -1,6 +1,7 @@
 // One loader batch (packed sequences, items in sequence order) as the model's Batch: tokens and labels as
 // one row of i64, cu_seqlens per document, images and videos split into the model's two pixel/grid lists
-// (each keeps its order of appearance, which is the order their pad tokens are filled).
+// (each keeps its order of appearance, which is the order their pad tokens are filled); planned for the
+// model on construction (batch_plan.h), so that a bad batch fails before any computation.
 #pragma once
 
 #include <cstdint>
@@ -13,15 +14,16 @@ namespace q3vl::app {
 
 class TrainBatch {
  public:
-  explicit TrainBatch(const io::Batch& source);
+  TrainBatch(const io::Batch& source, const ModelConfig& config, DType dtype);
   TrainBatch(const TrainBatch&) = delete;
   TrainBatch& operator=(const TrainBatch&) = delete;
 
   const Batch& batch() const { return batch_; }
-  BatchShape shape() const { return BatchShape::of(batch_); }
+  const BatchPlan& plan() const { return plan_; }
+  const BatchShape& shape() const { return plan_.shape; }
   int64_t tokens() const { return static_cast<int64_t>(ids_.size()); }
   // Positions whose next label (inside the same document) is trained: the model's ce_tokens.
-  int64_t target_tokens() const { return target_tokens_; }
+  int64_t target_tokens() const { return plan_.target_count; }
   int64_t images() const { return static_cast<int64_t>(image_grid_.size() / 3); }
   int64_t videos() const { return static_cast<int64_t>(video_grid_.size() / 3); }
   int64_t patches() const;
@@ -33,8 +35,8 @@ class TrainBatch {
   std::vector<int64_t> ids_, labels_, cu_, image_grid_, video_grid_;
   std::vector<float> image_pixels_, video_pixels_;
   std::vector<int64_t> document_tokens_, item_patches_;
-  int64_t target_tokens_ = 0;
   Batch batch_;
+  BatchPlan plan_;
 };
 
 // True when every dimension of `shape` is within `capacity`.

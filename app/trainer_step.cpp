@@ -33,7 +33,8 @@ StepRecord Trainer::Impl::train_step() {
     for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
   }
   beat("step " + std::to_string(step + 1) + ": loading micro-batches");
-  for (int k = 0; k < cfg.train.grad_accum; ++k) micro.push_back(std::make_unique<TrainBatch>(loader->next()));
+  for (int k = 0; k < cfg.train.grad_accum; ++k)
+    micro.push_back(std::make_unique<TrainBatch>(loader->next(), model->config(), model->dtype()));
   rec.phases.data_s = seconds_since(t0);
   BatchShape need = micro[0]->shape();
   for (const auto& b : micro) {
@@ -71,7 +72,7 @@ StepRecord Trainer::Impl::train_step() {
   for (const auto& b : micro) {
     beat("step " + std::to_string(step + 1) + ": forward and backward");
     const Clock::time_point forward_start = Clock::now();
-    const ForwardResult r = model->forward(b->batch(), *workspace, fo);
+    const ForwardResult r = model->forward(b->plan(), b->batch(), *workspace, fo);
     rec.phases.forward_s += seconds_since(forward_start);
     rec.ce_loss += r.ce_loss * static_cast<double>(r.ce_tokens) / static_cast<double>(normalizer);
     rec.aux_loss += r.aux_loss / cfg.train.grad_accum;
@@ -91,7 +92,7 @@ StepRecord Trainer::Impl::train_step() {
     bo.ce_normalizer = normalizer;
     bo.aux_scale = 1.0 / cfg.train.grad_accum;
     const Clock::time_point backward_start = Clock::now();
-    model->backward(*workspace, bo);
+    model->backward(b->plan(), *workspace, bo);
     rec.phases.backward_s += seconds_since(backward_start);
   }
   Clock::time_point comm_start = Clock::now();

@@ -4,6 +4,7 @@
 #include "core/layers/vision.h"
 
 #include <algorithm>
+#include <cmath>
 #include <span>
 
 #include "core/arena_layout.h"
@@ -41,29 +42,23 @@ Tensor flat_conv_weight(const char* L, const char* name, const PatchEmbedGeometr
 
 // ---- Position-embedding helpers ----
 
-// torch.linspace(0, G-1, n)[k] in fp32 exactly as ATen's CPU kernel computes it: step = (end - start) /
-// (n - 1) in fp32, the first n/2 points count up from start and the rest down from end, and the product
-// step * count is rounded to fp32 before the subtraction. The volatile keeps the compiler from fusing
-// product and subtraction into one FMA (-march=native allows it), which would move some points by an ulp.
-float torch_linspace_fp32(int64_t grid_side, int64_t n, int64_t k) {
-  const float start = 0.0f, end = static_cast<float>(grid_side - 1);
-  if (n == 1) return start;  // torch fills a single point with start
-  const float step = (end - start) / static_cast<float>(n - 1);
-  const bool first_half = k < n / 2;
-  volatile float offset = step * static_cast<float>(first_half ? k : n - k - 1);
-  return first_half ? start + offset : end - offset;
-}
-
-// The two table coordinates a linspace point falls between and its fractional distance from the lower.
-struct Corner {
+// One axis of HF 5.x get_vision_interpolation_indices_and_weights (bilinear, align_corners=True) in its fp32
+// arithmetic: src = index * (G - 1) / max(size - 1, 1), taps floor and min(floor + 1, G - 1), weights
+// 1 - |src - floor| and 1 - |src - floor - 1| clamped at 0.
+struct AxisTaps {
   int64_t lo, hi;
-  float frac;
+  float w_lo, w_hi;
 };
 
-Corner corner(int64_t grid_side, int64_t n, int64_t k) {
-  const float pos = torch_linspace_fp32(grid_side, n, k);
-  const int64_t lo = static_cast<int64_t>(pos);  // truncation = floor, the points are non-negative
-  return {lo, std::min(lo + 1, grid_side - 1), pos - static_cast<float>(lo)};
+AxisTaps axis_taps(int64_t grid_side, int64_t size, int64_t index) {
+  const float src = static_cast<float>(index) * static_cast<float>(grid_side - 1) /
+                    static_cast<float>(std::max<int64_t>(size - 1, 1));
+  const float fl = std::floor(src);
+  const float d0 = src - fl;
+  const float d1 = std::fabs(d0 - 1.0f);
+  const auto lo = static_cast<int64_t>(fl);
+  return {std::min(lo, grid_side - 1), std::min(lo + 1, grid_side - 1), std::max(1.0f - d0, 0.0f),
+          std::max(1.0f - d1, 0.0f)};
 }
 
 int64_t count_patches(const char* L, const Tensor& grid_thw) {
@@ -213,18 +208,17 @@ void vision_pos_embed_plan(const Tensor& grid_thw, int64_t grid_side, int64_t me
           for (int64_t bc = 0; bc < w / merge; ++bc)
             for (int64_t r = 0; r < merge; ++r)
               for (int64_t c = 0; c < merge; ++c, ++p) {
-                const Corner y = corner(grid_side, h, br * merge + r);
-                const Corner x = corner(grid_side, w, bc * merge + c);
+                const AxisTaps y = axis_taps(grid_side, h, br * merge + r);
+                const AxisTaps x = axis_taps(grid_side, w, bc * merge + c);
                 ip[4 * p + 0] = y.lo * grid_side + x.lo;
                 ip[4 * p + 1] = y.lo * grid_side + x.hi;
                 ip[4 * p + 2] = y.hi * grid_side + x.lo;
                 ip[4 * p + 3] = y.hi * grid_side + x.hi;
-                // Each weight is one fp32 product, as HF's float32 tensors compute them.
-                const float ny = 1.0f - y.frac, nx = 1.0f - x.frac;
-                wp[4 * p + 0] = static_cast<T>(ny * nx);
-                wp[4 * p + 1] = static_cast<T>(ny * x.frac);
-                wp[4 * p + 2] = static_cast<T>(y.frac * nx);
-                wp[4 * p + 3] = static_cast<T>(y.frac * x.frac);
+                // Each weight is one fp32 product of the axis weights, as HF's float32 tensors compute them.
+                wp[4 * p + 0] = static_cast<T>(y.w_lo * x.w_lo);
+                wp[4 * p + 1] = static_cast<T>(y.w_lo * x.w_hi);
+                wp[4 * p + 2] = static_cast<T>(y.w_hi * x.w_lo);
+                wp[4 * p + 3] = static_cast<T>(y.w_hi * x.w_hi);
               }
     }
   });

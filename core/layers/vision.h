@@ -39,12 +39,14 @@ void patch_embed_backward(const PatchEmbedGeometry& geometry, const Tensor& pixe
 int64_t vision_num_patches(const Tensor& grid_thw);
 
 // For every patch, the four table rows and weights that bilinearly sample the G x G table (G =
-// grid_side, rows indexed row * G + col) at the patch's position, as HF's fast_pos_embed_interpolate:
-// row coordinates torch.linspace(0, G-1, h) in fp32 (align_corners=True), corners floor and
-// min(floor + 1, G-1), weights ((1-dh)(1-dw), (1-dh)dw, dh(1-dw), dh*dw) rounded to fp32. Patches come
-// in the order of the pixel rows: per item, (t, block_row, block_col, row_in_block, col_in_block) with
-// merge x merge blocks, the same grid repeated for every t. h and w must be multiples of merge.
-// idx i64 [P, 4] and weight [P, 4] (f32, or f64 holding the same fp32 values) are written.
+// grid_side, rows indexed row * G + col) at the patch's position, as HF transformers 5.x
+// get_vision_interpolation_indices_and_weights (align_corners=True) computes them in fp32: per axis src =
+// index * (G-1) / max(size-1, 1), taps floor and min(floor + 1, G-1), axis weights 1 - d and 1 - |d - 1|
+// (d = src - floor), each corner weight the fp32 product of its two axis weights; corners ordered
+// (top-left, top-right, bottom-left, bottom-right). Patches come in the order of the pixel rows: per item,
+// (t, block_row, block_col, row_in_block, col_in_block) with merge x merge blocks, the same grid repeated for
+// every t. h and w must be multiples of merge. idx i64 [P, 4] and weight [P, 4] (f32, or f64 holding the same
+// fp32 values) are written.
 void vision_pos_embed_plan(const Tensor& grid_thw, int64_t grid_side, int64_t merge, const Tensor& idx,
                            const Tensor& weight);
 

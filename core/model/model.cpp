@@ -4,11 +4,9 @@
 
 #include <algorithm>
 #include <cstring>
-#include <optional>
 #include <span>
 
 #include "core/arena_layout.h"
-#include "core/checked_math.h"
 #include "core/layer_checks.h"
 #include "core/layers/cross_entropy.h"
 #include "core/layers/embedding.h"
@@ -16,78 +14,21 @@
 #include "core/layers/norms.h"
 #include "core/layers/rotary.h"
 #include "core/layers/vocab_parallel.h"
-#include "core/model/rope_index.h"
 #include "core/model/row_ops.h"
 
 namespace q3vl {
 
 namespace {
 
-constexpr const char* kForward = "Model::forward";
 
 // The aux loss's d / d probs: [E] (pooled) or [MoE layers, E] (per-layer), sized for the larger.
 size_t aux_dprob_bytes(const ModelConfig& c, DType dtype) {
   return arena_bytes(std::max(c.num_moe_layers(), 1) * static_cast<int64_t>(std::max(c.text.num_experts, 1)), dtype);
 }
 
-// Merged tokens and frames of the items of one grid tensor (undefined: none).
-struct GridTotals {
-  int64_t items = 0, patches = 0, frames = 0;
-};
-GridTotals grid_totals(const char* what, const Tensor& grid) {
-  GridTotals t;
-  if (!grid.defined()) return t;
-  require(kForward, what, grid, DType::i64, {-1, 3});
-  const int64_t* g = grid.data<int64_t>();
-  t.items = grid.size(0);
-  for (int64_t i = 0; i < t.items; ++i) {
-    Q3VL_CHECK(g[3 * i] > 0 && g[3 * i + 1] > 0 && g[3 * i + 2] > 0, kForward, ": ", what, "[", i, "] = (", g[3 * i],
-               ", ", g[3 * i + 1], ", ", g[3 * i + 2], ") must be positive");
-    const std::optional<int64_t> patches = checked_product({g[3 * i], g[3 * i + 1], g[3 * i + 2]});
-    const std::optional<int64_t> sum = patches ? checked_sum(t.patches, *patches) : std::nullopt;
-    Q3VL_CHECK(sum, kForward, ": ", what, "[", i, "] = (", g[3 * i], ", ", g[3 * i + 1], ", ", g[3 * i + 2],
-               "): the patch count t*h*w (summed over items) overflows int64");
-    t.patches = *sum;
-    t.frames += g[3 * i];
-  }
-  return t;
-}
-
-void check_pixels(const ModelConfig& c, const char* pixels_name, const Tensor& pixels, const char* grid_name,
-                  const Tensor& grid, DType dt) {
-  Q3VL_CHECK(pixels.defined() == grid.defined(), kForward, ": ", pixels_name, " and ", grid_name,
-             " must be given together");
-  if (!pixels.defined()) return;
-  const GridTotals t = grid_totals(grid_name, grid);
-  require(kForward, pixels_name, pixels, dt, {t.patches, c.vision.patch_features()});
-}
-
 }  // namespace
 
-BatchShape BatchShape::of(const Batch& b) {
-  require("BatchShape::of", "input_ids", b.input_ids, DType::i64, {-1, -1});
-  BatchShape s;
-  s.batch = b.input_ids.size(0);
-  s.seq = b.input_ids.size(1);
-  const GridTotals img = grid_totals("image_grid_thw", b.image_grid_thw);
-  const GridTotals vid = grid_totals("video_grid_thw", b.video_grid_thw);
-  s.image_patches = img.patches;
-  s.video_patches = vid.patches;
-  s.items = img.items + vid.items;
-  s.frames = img.frames + vid.frames;
-  return s;
-}
-
 size_t Workspace::activation_bytes(const ModelConfig& c, const BatchShape& s, DType dt, bool expert_parallel) {
-  const int64_t n = s.tokens(), h = c.text.hidden_size, visual = s.patches() / c.vision.merge_unit();
-  // Layout: ids copy, targets, valid, cu_seqlens, doc_real, cos, sin, visual positions.
-  size_t total = 2 * arena_bytes(n, DType::i64) + arena_bytes(n, DType::u8) + arena_bytes(n + 1, DType::i64) +
-                 arena_bytes(n, DType::i64) + 2 * arena_bytes(n * c.text.head_dim, dt) + arena_bytes(visual, DType::i64);
-  if (s.patches() > 0) {
-    total += arena_bytes(3 * s.items, DType::i64);
-    total += vision_tower_activation_bytes(c.vision, {s.patches(), s.items, s.frames}, dt);
-  }
-  total += arena_bytes(n * h, dt);
   size_t transient = 0;
   for (int l = 0; l < c.text.num_hidden_layers; ++l) {
     const size_t t = decoder_layer_transient_bytes(c, l, n, dt, expert_parallel);
@@ -109,8 +50,6 @@ size_t Workspace::scratch_bytes(const ModelConfig& c, const BatchShape& s, DType
   const size_t text = 2 * arena_bytes(n * h, dt) + aux_dprob_bytes(c, dt) + layer;
   const size_t vision =
       s.patches() > 0 ? vision_tower_scratch_bytes(c.vision, {s.patches(), s.items, s.frames}, dt) : 0;
-  // The forward borrows the position ids [3, N] before anything else.
-  return std::max(arena_bytes(3 * n, DType::i64), visual_grads + std::max(text, vision));
 }
 
 Workspace::Workspace(const Model& model, const BatchShape& capacity)
@@ -163,140 +102,84 @@ void Model::set_tensor_parallel(TensorParallel* tp) {
 
 void Model::init_weights(uint64_t seed) { weights_.init(seed, config_.text.initializer_range); }
 
-ForwardResult Model::forward(const Batch& batch, Workspace& ws, const ForwardOptions& options) const {
+ForwardResult Model::forward(const BatchPlan& plan, const Batch& batch, Workspace& ws,
+                             const ForwardOptions& options) const {
+  check_plan(plan, batch, ws);
   const ModelConfig& c = config_;
-  const DType dt = dtype();
-  // ---- Checks of the whole batch before any computation ----
-  require(kForward, "input_ids", batch.input_ids, DType::i64, {-1, -1});
-  const int64_t B = batch.input_ids.size(0), S = batch.input_ids.size(1), n = B * S;
-  Q3VL_CHECK(B > 0 && S > 0, kForward, ": input_ids is empty ", batch.input_ids.str());
-  if (batch.attention_mask.defined()) require(kForward, "attention_mask", batch.attention_mask, DType::i64, {B, S});
-  if (batch.labels.defined()) require(kForward, "labels", batch.labels, DType::i64, {B, S});
-  check_pixels(c, "pixel_values", batch.pixel_values, "image_grid_thw", batch.image_grid_thw, dt);
-  check_pixels(c, "pixel_values_videos", batch.pixel_values_videos, "video_grid_thw", batch.video_grid_thw, dt);
-  const BatchShape shape = BatchShape::of(batch);
+  ws.ready_ = false;
+  ws.plan_ = &plan;
+  ws.acts_.reset();
+  ws.scratch_.reset();
+  ws.ids = batch.input_ids.view({plan.shape.tokens()});
+  text_context(plan, ws);
+
+  // The vision tower; its merged features replace the placeholder embeddings.
+  vision_forward(plan, batch, ws);
+  Tensor h = embed_tokens(plan, ws);
+
+  // The decoder layers; DeepStack feature k is added to the visual rows after layer k.
+  const size_t taps = plan.has_vision ? ws.vision.deepstack.size() : 0;
+  size_t moe_layer = 0;
+  for (int l = 0; l < c.text.num_hidden_layers; ++l) {
+    DecoderLayerSaved& s = ws.layers[l];
+    acquire(unit_ids_.text_layers[l]);
+    decoder_layer_forward(c, l, text_w_.layers[l], ws.ctx, h, ws.acts_, ws.scratch_, s);
+    release(unit_ids_.text_layers[l]);
+    h = s.h_out;
+    if (static_cast<size_t>(l) < taps) scatter_add_rows(h, plan.visual_rows, ws.vision.deepstack[l]);
+    if (text_w_.layers[l].moe) ws.moe_stats[moe_layer++] = s.stats;
+  }
+
+  // Final norm, lm_head and cross-entropy, then the MoE load-balancing loss.
+  ForwardResult r = head_forward(plan, h, ws);
+  aux_loss_forward(options, ws, r);
+  ws.result_ = r;
+  ws.ready_ = true;
+  return r;
+}
+
+void Model::check_plan(const BatchPlan& plan, const Batch& batch, const Workspace& ws) const {
+  const char* L = "Model::forward";
+  const BatchShape& shape = plan.shape;
+  Q3VL_CHECK(plan.storage != nullptr, L, ": the plan is empty (make it with plan_batch)");
+  Q3VL_CHECK(plan.dtype == dtype(), L, ": the plan was made for ", dtype_name(plan.dtype), ", the model is ",
+             dtype_name(dtype()));
+  const auto rows = [](const Tensor& t) { return t.defined() ? t.size(0) : 0; };
+  Q3VL_CHECK(batch.input_ids.defined() && batch.input_ids.ndim() == 2 && batch.input_ids.size(0) == shape.batch &&
+                 batch.input_ids.size(1) == shape.seq && rows(batch.pixel_values) == shape.image_patches &&
+                 rows(batch.pixel_values_videos) == shape.video_patches,
+             L, ": the plan (", shape.batch, "x", shape.seq, " tokens, ", shape.image_patches, "+",
+             shape.video_patches, " patches) is not the plan of this batch");
   const BatchShape& cap = ws.capacity_;
   Q3VL_CHECK(shape.tokens() <= cap.tokens() && shape.seq <= cap.seq && shape.image_patches <= cap.image_patches &&
                  shape.video_patches <= cap.video_patches && shape.patches() <= cap.patches() &&
                  shape.items <= cap.items && shape.frames <= cap.frames,
-             kForward, ": the batch (", B, "x", S, " tokens, ", shape.image_patches, "+", shape.video_patches,
-             " patches, ", shape.items, " items, ", shape.frames, " frames) exceeds the workspace (", cap.batch, "x",
-             cap.seq, ", ", cap.image_patches, "+", cap.video_patches, ", ", cap.items, ", ", cap.frames, ")");
-  const int64_t* ids = batch.input_ids.data<int64_t>();
-  for (int64_t i = 0; i < n; ++i)
-    Q3VL_CHECK(ids[i] >= 0 && ids[i] < c.text.vocab_size, kForward, ": input_ids[", i / S, ", ", i % S, "] = ",
-               ids[i], " outside the vocabulary of ", c.text.vocab_size);
+             L, ": the batch (", shape.batch, "x", shape.seq, " tokens, ", shape.image_patches, "+",
+             shape.video_patches, " patches, ", shape.items, " items, ", shape.frames,
+             " frames) exceeds the workspace (", cap.batch, "x", cap.seq, ", ", cap.image_patches, "+",
+             cap.video_patches, ", ", cap.items, ", ", cap.frames, ")");
+}
 
-  // Placeholder counts first, with HF's message, before anything else reads the spans.
-  {
-    int64_t image_tokens = 0, video_tokens = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      image_tokens += ids[i] == c.image_token_id;
-      video_tokens += ids[i] == c.video_token_id;
-    }
-    const int64_t merge_unit = c.vision.merge_unit();
-    if (batch.pixel_values.defined())
-      Q3VL_CHECK(image_tokens == shape.image_patches / merge_unit, kForward,
-                 ": image features and image tokens do not match: ", image_tokens, " <|image_pad|> tokens (id ",
-                 c.image_token_id, "), ", shape.image_patches / merge_unit, " features from ",
-                 batch.image_grid_thw.size(0), " images");
-    if (batch.pixel_values_videos.defined())
-      Q3VL_CHECK(video_tokens == shape.video_patches / merge_unit, kForward,
-                 ": video features and video tokens do not match: ", video_tokens, " <|video_pad|> tokens (id ",
-                 c.video_token_id, "), ", shape.video_patches / merge_unit, " features from ",
-                 batch.video_grid_thw.size(0), " videos");
-  }
+int64_t Model::vocab_begin() const { return tp_ ? tp_->rank() * (config_.text.vocab_size / tp_->size()) : 0; }
 
-  ws.ready_ = false;
-  Arena& acts = ws.acts_;
-  Arena& scratch = ws.scratch_;
-  acts.reset();
-  scratch.reset();
-
-  // ---- Token layout: documents, real-token mask, targets, positions ----
+void Model::text_context(const BatchPlan& plan, Workspace& ws) const {
+  const ModelConfig& c = config_;
+  const int64_t n = plan.shape.tokens();
   TextContext& ctx = ws.ctx;
-  int64_t docs = B;
-  if (batch.cu_seqlens.defined()) {
-    check_document_boundaries(batch.cu_seqlens, B, S);
-    docs = batch.cu_seqlens.size(0) - 1;
-  }
-  ctx.cu_seqlens = Tensor::empty(acts, {docs + 1}, DType::i64);
-  if (batch.cu_seqlens.defined()) {
-    copy(ctx.cu_seqlens, batch.cu_seqlens);
-  } else {
-    for (int64_t b = 0; b <= B; ++b) ctx.cu_seqlens.data<int64_t>()[b] = b * S;
-  }
-  const int64_t* cu = ctx.cu_seqlens.data<int64_t>();
-  ctx.valid = Tensor::empty(acts, {n}, DType::u8);
-  ctx.doc_real = Tensor::empty(acts, {docs}, DType::i64);
-  {
-    uint8_t* valid = ctx.valid.data<uint8_t>();
-    const int64_t* mask = nullptr;
-    if (batch.attention_mask.defined()) {
-      check_attention_mask(batch.attention_mask, ctx.cu_seqlens);
-      mask = batch.attention_mask.data<int64_t>();
-    }
-    for (int64_t i = 0; i < n; ++i) valid[i] = mask ? static_cast<uint8_t>(mask[i]) : 1;
-    for (int64_t d = 0; d < docs; ++d) {
-      int64_t real = 0;
-      for (int64_t i = cu[d]; i < cu[d + 1]; ++i) real += valid[i];
-      ctx.doc_real.data<int64_t>()[d] = real;
-    }
-  }
-  ws.ids = Tensor::empty(acts, {n}, DType::i64);
-  copy(ws.ids, batch.input_ids.view({n}));
-  ws.targets = Tensor::empty(acts, {n}, DType::i64);
-  {
-    int64_t* tg = ws.targets.data<int64_t>();
-    const int64_t* lab = batch.labels.defined() ? batch.labels.data<int64_t>() : nullptr;
-    const uint8_t* valid = ctx.valid.data<uint8_t>();
-    for (int64_t i = 0; i < n; ++i) {
-      if (lab != nullptr) {
-        Q3VL_CHECK(valid[i] || lab[i] == kIgnoreIndex, kForward, ": labels[", i / S, ", ", i % S, "] = ", lab[i],
-                   " at a padding position; padding must be labelled -100");
-        Q3VL_CHECK(lab[i] == kIgnoreIndex || (lab[i] >= 0 && lab[i] < c.text.vocab_size), kForward, ": labels[",
-                   i / S, ", ", i % S, "] = ", lab[i], " is neither -100 nor inside the vocabulary");
-      }
-      tg[i] = (lab != nullptr && i + 1 < n) ? lab[i + 1] : kIgnoreIndex;
-    }
-    // A position predicts the next label of its own document: the last token of a row or packed document
-    // has no target (its successor starts another sample).
-    for (int64_t d = 0; d < docs; ++d) tg[cu[d + 1] - 1] = kIgnoreIndex;
-  }
-  {
-    const size_t mark = scratch.mark();
-    const Tensor positions = Tensor::empty(scratch, {3, n}, DType::i64);
-    get_rope_index(c, batch.input_ids, batch.attention_mask,
-                   batch.pixel_values.defined() ? batch.image_grid_thw : Tensor{},
-                   batch.pixel_values_videos.defined() ? batch.video_grid_thw : Tensor{}, batch.cu_seqlens, positions);
-    ctx.cos = Tensor::empty(acts, {n, c.text.head_dim}, dt);
-    ctx.sin = Tensor::empty(acts, {n, c.text.head_dim}, dt);
-    const auto& sec = c.text.mrope_section;
-    mrope_cos_sin(positions, c.text.head_dim, c.text.rope_theta, {sec[0], sec[1], sec[2]}, ctx.cos, ctx.sin);
-    scratch.release(mark);
-  }
-
+  ctx.cu_seqlens = plan.cu_seqlens;
+  ctx.valid = plan.valid;
+  ctx.doc_real = plan.doc_real;
+  ctx.cos = Tensor::empty(ws.acts_, {n, c.text.head_dim}, dtype());
+  ctx.sin = Tensor::empty(ws.acts_, {n, c.text.head_dim}, dtype());
+  const auto& sec = c.text.mrope_section;
+  mrope_cos_sin(plan.positions, c.text.head_dim, c.text.rope_theta, {sec[0], sec[1], sec[2]}, ctx.cos, ctx.sin);
   ctx.expert_exchange = exchange_;
   ctx.tp = tp_;
   ctx.tp_experts_split = tp_layout().experts_split;
-  const int64_t vocab_begin = tp_ ? tp_->rank() * (c.text.vocab_size / tp_->size()) : 0;
+}
 
-  // ---- Vision tower and the visual token rows ----
-  ws.has_vision = batch.pixel_values.defined() || batch.pixel_values_videos.defined();
-  const int64_t merge_unit = c.vision.merge_unit();
-  const int64_t image_rows = shape.image_patches / merge_unit, video_rows = shape.video_patches / merge_unit;
-  ws.vis_pos = Tensor::empty(acts, {image_rows + video_rows}, DType::i64);
-  if (ws.has_vision) {
-    int64_t* vp = ws.vis_pos.data<int64_t>();
-    int64_t next_image = 0, next_video = image_rows;
-    for (int64_t i = 0; i < n; ++i) {
-      if (batch.pixel_values.defined() && ids[i] == c.image_token_id) vp[next_image++] = i;
-      if (batch.pixel_values_videos.defined() && ids[i] == c.video_token_id) vp[next_video++] = i;
-    }
-    const Tensor grid = Tensor::empty(acts, {shape.items, 3}, DType::i64);
-    const int64_t images = batch.pixel_values.defined() ? batch.image_grid_thw.size(0) : 0;
-    if (images > 0) copy(grid.narrow(0, 0, images), batch.image_grid_thw);
-    if (shape.items > images) copy(grid.narrow(0, images, shape.items - images), batch.video_grid_thw);
+void Model::vision_forward(const BatchPlan& plan, const Batch& batch, Workspace& ws) const {
+  if (plan.has_vision) {
     // The mergers run at the DeepStack taps between blocks, so they stay gathered through the tower.
     acquire(unit_ids_.vision_embeddings);
     acquire(unit_ids_.vision_mergers);
@@ -308,8 +191,8 @@ ForwardResult Model::forward(const Batch& batch, Workspace& ws, const ForwardOpt
       acquire(unit_ids_.vision_blocks[b]);
     };
     calls.after = [&](int b) { release(unit_ids_.vision_blocks[b]); };
-    vision_tower_forward(c.vision, vision_w_, batch.pixel_values, batch.pixel_values_videos, grid, acts, scratch,
-                         ws.vision, calls, tp_);
+    vision_tower_forward(config_.vision, vision_w_, batch.pixel_values, batch.pixel_values_videos, plan.vision,
+                         ws.acts_, ws.vision, calls, tp_);
     if (embeddings_held) release(unit_ids_.vision_embeddings);
     release(unit_ids_.vision_mergers);
   } else if (hooks_ != nullptr) {
@@ -324,26 +207,24 @@ ForwardResult Model::forward(const Batch& batch, Workspace& ws, const ForwardOpt
     }
     release(unit_ids_.vision_mergers);
   }
+}
 
-  // ---- Text decoder ----
-  Tensor h = Tensor::empty(acts, {n, c.text.hidden_size}, dt);
+Tensor Model::embed_tokens(const BatchPlan& plan, Workspace& ws) const {
+  const Tensor h = Tensor::empty(ws.acts_, {plan.shape.tokens(), config_.text.hidden_size}, dtype());
   acquire(unit_ids_.token_embedding);
-  if (tp_) vocab_parallel_embedding_forward(ws.ids, text_w_.embed, vocab_begin, h, *tp_);
+  if (tp_) vocab_parallel_embedding_forward(ws.ids, text_w_.embed, vocab_begin(), h, *tp_);
   else embedding_forward(ws.ids, text_w_.embed, h);
   // A tied lm_head is the embedding table: it stays gathered until the logits.
-  if (!c.tie_word_embeddings) release(unit_ids_.token_embedding);
-  if (ws.has_vision) scatter_rows(h, ws.vis_pos, ws.vision.embeds);
-  const size_t taps = ws.has_vision ? ws.vision.deepstack.size() : 0;
-  size_t moe_layer = 0;
-  for (int l = 0; l < c.text.num_hidden_layers; ++l) {
-    DecoderLayerSaved& s = ws.layers[l];
-    acquire(unit_ids_.text_layers[l]);
-    decoder_layer_forward(c, l, text_w_.layers[l], ctx, h, acts, scratch, s);
-    release(unit_ids_.text_layers[l]);
-    h = s.h_out;
-    if (static_cast<size_t>(l) < taps) scatter_add_rows(h, ws.vis_pos, ws.vision.deepstack[l]);
-    if (text_w_.layers[l].moe) ws.moe_stats[moe_layer++] = s.stats;
-  }
+  if (!config_.tie_word_embeddings) release(unit_ids_.token_embedding);
+  if (plan.has_vision) scatter_rows(h, plan.visual_rows, ws.vision.embeds);
+  return h;
+}
+
+ForwardResult Model::head_forward(const BatchPlan& plan, const Tensor& h, Workspace& ws) const {
+  const ModelConfig& c = config_;
+  const DType dt = dtype();
+  const int64_t n = plan.shape.tokens();
+  Arena& acts = ws.acts_;
   ws.final_normed = Tensor::empty(acts, {n, c.text.hidden_size}, dt);
   ws.final_rstd = Tensor::empty(acts, {n}, dt);
   acquire(unit_ids_.head);
@@ -354,70 +235,99 @@ ForwardResult Model::forward(const Batch& batch, Workspace& ws, const ForwardOpt
   release(unit_ids_.head);
   if (c.tie_word_embeddings) release(unit_ids_.token_embedding);
   ws.lse = Tensor::empty(acts, {n}, dt);
-  if (batch.labels.defined()) {
-    const CrossEntropySum ce = tp_ ? vocab_parallel_cross_entropy_forward(r.logits, ws.targets, vocab_begin, ws.lse, *tp_)
-                                   : cross_entropy_forward(r.logits, ws.targets, ws.lse);
+  if (plan.has_labels) {
+    const CrossEntropySum ce =
+        tp_ ? vocab_parallel_cross_entropy_forward(r.logits, plan.targets, vocab_begin(), ws.lse, *tp_)
+            : cross_entropy_forward(r.logits, plan.targets, ws.lse);
     r.ce_loss = ce.mean();
     r.ce_tokens = ce.count;
   }
   r.loss = r.ce_loss;
-  ws.aux_dprob = Tensor{};
-  if (!ws.moe_stats.empty()) {
-    if (options.expert_stats_reducer) options.expert_stats_reducer(ws.moe_stats);
-    const bool train_aux = options.aux_loss;
-    const int64_t experts = c.text.num_experts, layers = static_cast<int64_t>(ws.moe_stats.size());
-    if (options.aux_per_layer) {
-      if (train_aux) ws.aux_dprob = Tensor::empty(acts, {layers, experts}, dt);
-      r.aux_loss = moe_aux_loss_per_layer(experts, ws.moe_stats, c.text.router_aux_loss_coef, ws.aux_dprob);
-    } else {
-      if (train_aux) ws.aux_dprob = Tensor::empty(acts, {experts}, dt);
-      r.aux_loss = moe_aux_loss(experts, ws.moe_stats, c.text.router_aux_loss_coef, ws.aux_dprob);
-    }
-    if (train_aux) r.loss += c.text.router_aux_loss_coef * r.aux_loss;
-  }
-  ws.result_ = r;
-  ws.ready_ = true;
   return r;
 }
 
-void Model::backward(Workspace& ws, const BackwardOptions& options) {
+void Model::aux_loss_forward(const ForwardOptions& options, Workspace& ws, ForwardResult& r) const {
+  const ModelConfig& c = config_;
+  ws.aux_dprob = Tensor{};
+  if (ws.moe_stats.empty()) return;
+  if (options.expert_stats_reducer) options.expert_stats_reducer(ws.moe_stats);
+  const bool train_aux = options.aux_loss;
+  const int64_t experts = c.text.num_experts, layers = static_cast<int64_t>(ws.moe_stats.size());
+  if (options.aux_per_layer) {
+    if (train_aux) ws.aux_dprob = Tensor::empty(ws.acts_, {layers, experts}, dtype());
+    r.aux_loss = moe_aux_loss_per_layer(experts, ws.moe_stats, c.text.router_aux_loss_coef, ws.aux_dprob);
+  } else {
+    if (train_aux) ws.aux_dprob = Tensor::empty(ws.acts_, {experts}, dtype());
+    r.aux_loss = moe_aux_loss(experts, ws.moe_stats, c.text.router_aux_loss_coef, ws.aux_dprob);
+  }
+  if (train_aux) r.loss += c.text.router_aux_loss_coef * r.aux_loss;
+}
+
+void Model::backward(const BatchPlan& plan, Workspace& ws, const BackwardOptions& options) {
   const char* L = "Model::backward";
   Q3VL_CHECK(ws.ready_, L, ": no forward to differentiate (run forward first; backward consumes it once)");
+  Q3VL_CHECK(&plan == ws.plan_, L, ": the plan is not the last forward's");
   ws.ready_ = false;
   const ModelConfig& c = config_;
   const DType dt = dtype();
   Arena& scratch = ws.scratch_;
   scratch.reset();
-  const ForwardResult& r = ws.result_;
-  const int64_t n = ws.ids.size(0), h = c.text.hidden_size;
-  const int64_t visual = ws.vis_pos.size(0);
-  const size_t taps = ws.has_vision ? ws.vision.deepstack.size() : 0;
+  const int64_t visual = plan.visual_rows.size(0);
+  const size_t taps = plan.has_vision ? ws.vision.deepstack.size() : 0;
 
   // Gradients of the visual features, filled during the text backward and consumed by the vision backward.
   Tensor d_embeds;
   std::vector<Tensor>& d_deepstack = ws.d_deepstack;
-  if (ws.has_vision) {
+  if (plan.has_vision) {
     d_embeds = Tensor::empty(scratch, {visual, c.vision.out_hidden_size}, dt);
     for (size_t k = 0; k < taps; ++k) d_deepstack[k] = Tensor::empty(scratch, {visual, c.vision.out_hidden_size}, dt);
   }
   const size_t text_mark = scratch.mark();
 
+  const Tensor dh = head_backward(plan, ws, options);
+  // [E] shared by every MoE layer (pooled) or [MoE layers, E], a row per layer (per-layer aux loss).
+  const Tensor aux_dprob = scaled_aux_dprob(ws, options);
+  const bool aux_per_layer = aux_dprob.defined() && aux_dprob.ndim() == 2;
+  int64_t moe_layer = c.num_moe_layers();
+  for (int l = c.text.num_hidden_layers - 1; l >= 0; --l) {
+    if (static_cast<size_t>(l) < taps) gather_rows(d_deepstack[l], dh, plan.visual_rows);
+    if (text_w_.layers[l].moe) --moe_layer;
+    Tensor layer_aux = aux_dprob;
+    if (aux_per_layer)
+      layer_aux = text_w_.layers[l].moe ? aux_dprob.narrow(0, moe_layer, 1).view({c.text.num_experts}) : Tensor{};
+    acquire(unit_ids_.text_layers[l]);
+    decoder_layer_backward(c, l, text_w_.layers[l], ws.ctx, ws.layers[l], dh, layer_aux, text_g_.layers[l], scratch);
+    gradients_ready(unit_ids_.text_layers[l]);
+    release(unit_ids_.text_layers[l]);
+  }
+  if (plan.has_vision) {
+    gather_rows(d_embeds, dh, plan.visual_rows);
+    // The placeholder embeddings were replaced, so their table rows get no gradient from these positions.
+    zero_rows(dh, plan.visual_rows);
+  }
+  embedding_backward_into_grads(ws, dh);
+  scratch.release(text_mark);
+  vision_backward(plan, ws, d_embeds);
+  scratch.reset();
+}
+
+Tensor Model::head_backward(const BatchPlan& plan, Workspace& ws, const BackwardOptions& options) {
+  const ModelConfig& c = config_;
+  const DType dt = dtype();
+  const ForwardResult& r = ws.result_;
+  const int64_t n = plan.shape.tokens(), h = c.text.hidden_size;
   // Cross-entropy into the logits buffer, then lm_head and the final norm.
   const Tensor& dlogits = r.logits;
   if (r.ce_tokens > 0) {
     const int64_t normalizer = options.ce_normalizer > 0 ? options.ce_normalizer : r.ce_tokens;
     const double scale = options.loss_scale / static_cast<double>(normalizer);
-    if (tp_) {
-      const int64_t vocab_begin = tp_->rank() * (c.text.vocab_size / tp_->size());
-      vocab_parallel_cross_entropy_backward(r.logits, ws.targets, ws.lse, vocab_begin, scale, dlogits);
-    } else {
-      cross_entropy_backward(r.logits, ws.targets, ws.lse, scale, dlogits);
-    }
+    if (tp_) vocab_parallel_cross_entropy_backward(r.logits, plan.targets, ws.lse, vocab_begin(), scale, dlogits);
+    else cross_entropy_backward(r.logits, plan.targets, ws.lse, scale, dlogits);
   } else {
     fill(dlogits, 0.0);
   }
-  const Tensor d_normed = Tensor::empty(scratch, {n, h}, dt);
-  const Tensor dh = Tensor::empty(scratch, {n, h}, dt);
+  const Tensor d_normed = Tensor::empty(ws.scratch_, {n, h}, dt);
+  const Tensor dh = Tensor::empty(ws.scratch_, {n, h}, dt);
   acquire(unit_ids_.head);
   if (c.tie_word_embeddings) acquire(unit_ids_.token_embedding);
   linear_backward(ws.final_normed, text_w_.lm_head, dlogits, d_normed, text_g_.lm_head, Tensor{});
@@ -431,43 +341,31 @@ void Model::backward(Workspace& ws, const BackwardOptions& options) {
     gradients_ready(unit_ids_.token_embedding);
     release(unit_ids_.token_embedding);
   }
+  return dh;
+}
 
-  // [E] shared by every MoE layer (pooled) or [MoE layers, E], a row per layer (per-layer aux loss).
-  Tensor aux_dprob;
-  if (ws.aux_dprob.defined()) {
-    aux_dprob = Tensor::empty(scratch, ws.aux_dprob.shape(), dt);
-    copy(aux_dprob, ws.aux_dprob);
-    dispatch_float(L, dt, [&](auto tag) {
-      using T = decltype(tag);
-      T* p = aux_dprob.data<T>();
-      // Split experts: every tp rank adds the aux term to its partial router gradient, so each adds 1 / tp.
-      const double split = tp_ && tp_layout().experts_split ? 1.0 / tp_->size() : 1.0;
-      const double scale = (options.aux_scale >= 0 ? options.aux_scale : options.loss_scale) * split;
-      for (int64_t i = 0; i < aux_dprob.numel(); ++i) p[i] *= static_cast<T>(scale);
-    });
-  }
-  const bool aux_per_layer = aux_dprob.defined() && aux_dprob.ndim() == 2;
-  int64_t moe_layer = c.num_moe_layers();
-  for (int l = c.text.num_hidden_layers - 1; l >= 0; --l) {
-    if (static_cast<size_t>(l) < taps) gather_rows(d_deepstack[l], dh, ws.vis_pos);
-    if (text_w_.layers[l].moe) --moe_layer;
-    Tensor layer_aux = aux_dprob;
-    if (aux_per_layer)
-      layer_aux = text_w_.layers[l].moe ? aux_dprob.narrow(0, moe_layer, 1).view({c.text.num_experts}) : Tensor{};
-    acquire(unit_ids_.text_layers[l]);
-    decoder_layer_backward(c, l, text_w_.layers[l], ws.ctx, ws.layers[l], dh, layer_aux, text_g_.layers[l], scratch);
-    gradients_ready(unit_ids_.text_layers[l]);
-    release(unit_ids_.text_layers[l]);
-  }
-  if (ws.has_vision) {
-    gather_rows(d_embeds, dh, ws.vis_pos);
-    // The placeholder embeddings were replaced, so their table rows get no gradient from these positions.
-    zero_rows(dh, ws.vis_pos);
-  }
+Tensor Model::scaled_aux_dprob(Workspace& ws, const BackwardOptions& options) const {
+  if (!ws.aux_dprob.defined()) return Tensor{};
+  const Tensor aux_dprob = Tensor::empty(ws.scratch_, ws.aux_dprob.shape(), dtype());
+  copy(aux_dprob, ws.aux_dprob);
+  dispatch_float("Model::backward", dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    T* p = aux_dprob.data<T>();
+    // Split experts: every tp rank adds the aux term to its partial router gradient, so each adds 1 / tp.
+    const double split = tp_ && tp_layout().experts_split ? 1.0 / tp_->size() : 1.0;
+    const double scale = (options.aux_scale >= 0 ? options.aux_scale : options.loss_scale) * split;
+    for (int64_t i = 0; i < aux_dprob.numel(); ++i) p[i] *= static_cast<T>(scale);
+  });
+  return aux_dprob;
+}
+
+void Model::embedding_backward_into_grads(Workspace& ws, const Tensor& dh) {
+  const ModelConfig& c = config_;
   if (c.text.pad_token_id >= 0) {
     // nn.Embedding(padding_idx = pad_token_id): the padding row of the table takes no gradient.
     const int64_t* id = ws.ids.data<int64_t>();
-    dispatch_float(L, dt, [&](auto tag) {
+    const int64_t n = ws.ids.size(0), h = c.text.hidden_size;
+    dispatch_float("Model::backward", dtype(), [&](auto tag) {
       using T = decltype(tag);
       T* g = dh.data<T>();
       for (int64_t i = 0; i < n; ++i)
@@ -475,12 +373,14 @@ void Model::backward(Workspace& ws, const BackwardOptions& options) {
     });
   }
   // The embedding backward reads no weights, only the token ids.
-  if (tp_) vocab_parallel_embedding_backward(ws.ids, dh, tp_->rank() * (c.text.vocab_size / tp_->size()), text_g_.embed);
+  if (tp_) vocab_parallel_embedding_backward(ws.ids, dh, vocab_begin(), text_g_.embed);
   else embedding_backward(ws.ids, dh, text_g_.embed);
   gradients_ready(unit_ids_.token_embedding);
-  scratch.release(text_mark);
+}
 
-  if (ws.has_vision) {
+void Model::vision_backward(const BatchPlan& plan, Workspace& ws, const Tensor& d_embeds) {
+  if (plan.has_vision) {
+    const size_t taps = ws.vision.deepstack.size();
     acquire(unit_ids_.vision_mergers);
     VisionBlockCalls calls;
     calls.before = [&](int b) { acquire(unit_ids_.vision_blocks[b]); };
@@ -489,8 +389,8 @@ void Model::backward(Workspace& ws, const BackwardOptions& options) {
       release(unit_ids_.vision_blocks[b]);
     };
     // The patch embedding's and position table's gradients need no weights (the pixels take no gradient).
-    vision_tower_backward(c.vision, vision_w_, ws.vision, d_embeds,
-                          std::span<const Tensor>(d_deepstack.data(), taps), vision_g_, scratch, calls, tp_);
+    vision_tower_backward(config_.vision, vision_w_, ws.vision, d_embeds,
+                          std::span<const Tensor>(ws.d_deepstack.data(), taps), vision_g_, ws.scratch_, calls, tp_);
     gradients_ready(unit_ids_.vision_mergers);
     release(unit_ids_.vision_mergers);
     gradients_ready(unit_ids_.vision_embeddings);
@@ -506,7 +406,6 @@ void Model::backward(Workspace& ws, const BackwardOptions& options) {
     release(unit_ids_.vision_mergers);
     gradients_ready(unit_ids_.vision_embeddings);
   }
-  scratch.reset();
 }
 
 }  // namespace q3vl

@@ -5,15 +5,16 @@
 // Usage (a test or the trainer):
 //   Model model(config);                 // f32; DType::f64 for finite-difference tests
 //   model.init_weights(seed);            // or fill model.weights() from a checkpoint (HF keys)
-//   Workspace ws(model, BatchShape::of(batch));           // arenas sized up front
-//   ForwardResult r = model.forward(batch, ws);           // r.logits [B*S, V], r.ce_loss, r.aux_loss, r.loss
-//   model.backward(ws);                  // accumulates d r.loss into model.grads(); overwrites r.logits
+//   BatchPlan plan = plan_batch(model.config(), model.dtype(), batch);  // every check (batch_plan.h)
+//   Workspace ws(model, plan.shape);                      // arenas sized up front
+//   ForwardResult r = model.forward(plan, batch, ws);     // r.logits [B*S, V], r.ce_loss, r.aux_loss, r.loss
+//   model.backward(plan, ws);            // accumulates d r.loss into model.grads(); overwrites r.logits
 //
 // Semantics (all as HF computes them in fp32):
 // - Images, then videos, run through the vision tower; their merged features replace, in order, the
 //   <|image_pad|> / <|video_pad|> token embeddings (counts must match), and DeepStack tap k is added to the
 //   visual rows after decoder layer k.
-// - Position ids: get_rope_index (core/model/rope_index.h); cos/sin by interleaved MRoPE.
+// - Position ids: get_rope_index (core/model/rope_index.h), in the plan; cos/sin by interleaved MRoPE.
 // - Tokens are handled as one flat list of B*S rows cut into documents (a row, or the packed documents of
 //   Batch::cu_seqlens); attention is causal inside a document. Padding (attention_mask 0, right padding)
 //   runs through every layer like in HF, attends to its document's real tokens, is excluded from the aux
@@ -31,6 +32,7 @@
 #include <vector>
 
 #include "core/arena.h"
+#include "core/model/batch_plan.h"
 #include "core/model/config.h"
 #include "core/model/param_store.h"
 #include "core/model/param_units.h"
@@ -40,28 +42,6 @@
 #include "core/tensor.h"
 
 namespace q3vl {
-
-struct Batch {
-  Tensor input_ids;            // i64 [B, S]
-  Tensor attention_mask;       // i64 [B, S] 0/1, right padding per document; undefined = all real
-  Tensor labels;               // i64 [B, S] unshifted, -100 = ignored; undefined = no loss (ce_loss 0)
-  Tensor pixel_values;         // [image patches, patch_features] of the model dtype, rows per image_grid_thw
-  Tensor image_grid_thw;       // i64 [images, 3]
-  Tensor pixel_values_videos;  // [video patches, patch_features]
-  Tensor video_grid_thw;       // i64 [videos, 3]
-  Tensor cu_seqlens;           // i64 [D + 1] packed documents over the B*S tokens; undefined = one per row
-};
-
-// The sizes a Workspace is built for; a batch fits when each field is at most the workspace's.
-struct BatchShape {
-  int64_t batch = 0, seq = 0;
-  int64_t image_patches = 0, video_patches = 0;
-  int64_t items = 0;   // images + videos
-  int64_t frames = 0;  // sum of t over all items
-  static BatchShape of(const Batch& batch);
-  int64_t tokens() const { return batch * seq; }
-  int64_t patches() const { return image_patches + video_patches; }
-};
 
 struct ForwardOptions {
   bool aux_loss = true;  // add router_aux_loss_coef * aux_loss to `loss` (MoE models)
@@ -117,10 +97,10 @@ class Workspace {
   Arena acts_, scratch_;
   // Filled by forward, read by backward.
   bool ready_ = false;
+  const BatchPlan* plan_ = nullptr;  // the forward's plan
   ForwardResult result_;
-  Tensor ids, targets, vis_pos;
+  Tensor ids;  // i64 [N] view of the batch's input_ids
   TextContext ctx;
-  bool has_vision = false;
   VisionTowerState vision;
   std::vector<DecoderLayerSaved> layers;
   std::vector<Tensor> d_deepstack;  // backward: gradients of the DeepStack features
@@ -145,10 +125,12 @@ class Model {
   void init_weights(uint64_t seed);
   void zero_grads() { grads_.fill_zero(); }
 
-  ForwardResult forward(const Batch& batch, Workspace& ws, const ForwardOptions& options = {}) const;
-  // Gradient of the last forward's loss (scaled) accumulated into grads(). The batch's tensors must still
-  // be alive; the logits in the workspace are overwritten with their gradient.
-  void backward(Workspace& ws, const BackwardOptions& options = {});
+  // `plan` is plan_batch's plan of `batch` for this model; the batch must fit the workspace.
+  ForwardResult forward(const BatchPlan& plan, const Batch& batch, Workspace& ws,
+                        const ForwardOptions& options = {}) const;
+  // Gradient of the last forward's loss (scaled) accumulated into grads(). `plan` is the forward's, and the
+  // batch's tensors must still be alive; the logits in the workspace are overwritten with their gradient.
+  void backward(const BatchPlan& plan, Workspace& ws, const BackwardOptions& options = {});
 
   // FSDP: the model calls `hooks` around every use of a unit's weights and after its gradients are complete
   // (param_units.h), so a sharded store materialises only the units in use. nullptr: all weights are present.
@@ -171,6 +153,19 @@ class Model {
   const Tensor& router_bias() const { return router_bias_; }  // undefined until enabled
 
  private:
+  // The forward's and backward's parts, in model order.
+  void check_plan(const BatchPlan& plan, const Batch& batch, const Workspace& ws) const;
+  void text_context(const BatchPlan& plan, Workspace& ws) const;
+  void vision_forward(const BatchPlan& plan, const Batch& batch, Workspace& ws) const;
+  Tensor embed_tokens(const BatchPlan& plan, Workspace& ws) const;
+  ForwardResult head_forward(const BatchPlan& plan, const Tensor& h, Workspace& ws) const;
+  void aux_loss_forward(const ForwardOptions& options, Workspace& ws, ForwardResult& r) const;
+  Tensor head_backward(const BatchPlan& plan, Workspace& ws, const BackwardOptions& options);
+  Tensor scaled_aux_dprob(Workspace& ws, const BackwardOptions& options) const;
+  void embedding_backward_into_grads(Workspace& ws, const Tensor& dh);
+  void vision_backward(const BatchPlan& plan, Workspace& ws, const Tensor& d_embeds);
+  int64_t vocab_begin() const;  // the first vocabulary row of this rank's slice (0 without tp)
+
   void acquire(int unit) const {
     if (hooks_) hooks_->acquire(unit);
   }

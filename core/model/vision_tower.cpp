@@ -3,12 +3,9 @@
 #include "core/model/vision_tower.h"
 
 #include <algorithm>
-#include <cmath>
-#include <optional>
 #include <string>
 
 #include "core/arena_layout.h"
-#include "core/checked_math.h"
 #include "core/layer_checks.h"
 #include "core/layers/activations.h"
 #include "core/layers/linear.h"
@@ -102,40 +99,6 @@ std::vector<int> tap_mergers(const VisionConfig& c) {
   return order;
 }
 
-int64_t check_grid(const char* L, const VisionConfig& c, const Tensor& grid) {
-  require(L, "grid", grid, DType::i64, {-1, 3});
-  const int64_t* g = grid.data<int64_t>();
-  int64_t patches = 0;
-  for (int64_t i = 0; i < grid.size(0); ++i) {
-    Q3VL_CHECK(g[3 * i] > 0 && g[3 * i + 1] > 0 && g[3 * i + 2] > 0 && g[3 * i + 1] % c.spatial_merge_size == 0 &&
-                   g[3 * i + 2] % c.spatial_merge_size == 0,
-               L, ": grid[", i, "] = (", g[3 * i], ", ", g[3 * i + 1], ", ", g[3 * i + 2],
-               ") must be positive with h and w multiples of spatial_merge_size ", c.spatial_merge_size);
-    const std::optional<int64_t> item = checked_product({g[3 * i], g[3 * i + 1], g[3 * i + 2]});
-    const std::optional<int64_t> sum = item ? checked_sum(patches, *item) : std::nullopt;
-    Q3VL_CHECK(sum, L, ": grid[", i, "] = (", g[3 * i], ", ", g[3 * i + 1], ", ", g[3 * i + 2],
-               "): the patch count t*h*w (summed over items) overflows int64");
-    patches = *sum;
-  }
-  return patches;
-}
-
-// Calls f(p, row, col) for every patch p in pixel-row order: per item, per t, merge blocks row-major,
-// patches row-major inside a block.
-template <class F>
-void for_each_patch(const Tensor& grid, int64_t merge, F&& f) {
-  const int64_t* g = grid.data<int64_t>();
-  int64_t p = 0;
-  for (int64_t i = 0; i < grid.size(0); ++i) {
-    const int64_t t = g[3 * i], h = g[3 * i + 1], w = g[3 * i + 2];
-    for (int64_t tt = 0; tt < t; ++tt)
-      for (int64_t br = 0; br < h / merge; ++br)
-        for (int64_t bc = 0; bc < w / merge; ++bc)
-          for (int64_t ir = 0; ir < merge; ++ir)
-            for (int64_t ic = 0; ic < merge; ++ic) f(p++, br * merge + ir, bc * merge + ic, h, w);
-  }
-}
-
 }  // namespace
 
 VisionTowerWeights vision_tower_weights(const VisionConfig& c, const ParamStore& s) {
@@ -179,70 +142,9 @@ VisionTowerState::VisionTowerState(const VisionConfig& config)
     : blocks(config.depth), taps(config.deepstack_visual_indexes.size()),
       deepstack(config.deepstack_visual_indexes.size()), tap_merger(tap_mergers(config)) {}
 
-void vision_position_plan(const Tensor& grid, int64_t grid_side, int64_t merge, const Tensor& idx,
-                          const Tensor& weight) {
-  const char* L = "vision_position_plan";
-  require(L, "grid", grid, DType::i64, {-1, 3});
-  int64_t patches = 0;
-  for (int64_t i = 0; i < grid.size(0); ++i)
-    patches += grid.data<int64_t>()[3 * i] * grid.data<int64_t>()[3 * i + 1] * grid.data<int64_t>()[3 * i + 2];
-  require(L, "idx", idx, DType::i64, {patches, 4});
-  require(L, "weight", weight, weight.dtype(), {patches, 4});
-  Q3VL_CHECK(grid_side >= 1, L, ": grid_side must be positive, got ", grid_side);
-  int64_t* ip = idx.data<int64_t>();
-  // One axis: the two taps and their fp32 weights, as HF's _interpolation_axis_taps_weights.
-  struct Axis {
-    int64_t lo, hi;
-    float w_lo, w_hi;
-  };
-  auto axis = [&](int64_t index, int64_t size) {
-    const float src = static_cast<float>(index) * static_cast<float>(grid_side - 1) /
-                      static_cast<float>(std::max<int64_t>(size - 1, 1));
-    const float fl = std::floor(src);
-    const float d0 = src - fl;          // |src - floor - 0|
-    const float d1 = std::fabs(d0 - 1.0f);  // |src - floor - 1|
-    const auto lo = static_cast<int64_t>(fl);
-    return Axis{std::min(lo, grid_side - 1), std::min(lo + 1, grid_side - 1), std::max(1.0f - d0, 0.0f),
-                std::max(1.0f - d1, 0.0f)};
-  };
-  dispatch_float(L, weight.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    T* wp = weight.data<T>();
-    for_each_patch(grid, merge, [&](int64_t p, int64_t row, int64_t col, int64_t h, int64_t w) {
-      const Axis a = axis(row, h), b = axis(col, w);
-      ip[4 * p + 0] = a.lo * grid_side + b.lo;
-      ip[4 * p + 1] = a.lo * grid_side + b.hi;
-      ip[4 * p + 2] = a.hi * grid_side + b.lo;
-      ip[4 * p + 3] = a.hi * grid_side + b.hi;
-      wp[4 * p + 0] = static_cast<T>(a.w_lo * b.w_lo);
-      wp[4 * p + 1] = static_cast<T>(a.w_lo * b.w_hi);
-      wp[4 * p + 2] = static_cast<T>(a.w_hi * b.w_lo);
-      wp[4 * p + 3] = static_cast<T>(a.w_hi * b.w_hi);
-    });
-  });
-}
-
-void vision_rotary_coordinates(const Tensor& grid, int64_t merge, const Tensor& rows, const Tensor& cols) {
-  const char* L = "vision_rotary_coordinates";
-  require(L, "grid", grid, DType::i64, {-1, 3});
-  require(L, "rows", rows, DType::i64, {-1});
-  require(L, "cols", cols, DType::i64, {rows.size(0)});
-  int64_t patches = 0;
-  for (int64_t i = 0; i < grid.size(0); ++i)
-    patches += grid.data<int64_t>()[3 * i] * grid.data<int64_t>()[3 * i + 1] * grid.data<int64_t>()[3 * i + 2];
-  Q3VL_CHECK(patches == rows.size(0), L, ": grid has ", patches, " patches, rows has ", rows.size(0));
-  int64_t *rp = rows.data<int64_t>(), *cp = cols.data<int64_t>();
-  for_each_patch(grid, merge, [&](int64_t p, int64_t row, int64_t col, int64_t, int64_t) {
-    rp[p] = row;
-    cp[p] = col;
-  });
-}
-
 size_t vision_tower_activation_bytes(const VisionConfig& c, const VisionShape& s, DType dt) {
   const int64_t p = s.patches, d = c.hidden_size, inter = c.intermediate_size, m = p / c.merge_unit();
-  size_t total = arena_bytes(3 * s.items, DType::i64) + arena_bytes(s.frames + 1, DType::i64) +
-                 arena_bytes(4 * p, DType::i64) + arena_bytes(4 * p, dt) + 2 * arena_bytes(p * c.head_dim(), dt) +
-                 arena_bytes(p * d, dt);
+  size_t total = 2 * arena_bytes(p * c.head_dim(), dt) + arena_bytes(p * d, dt);
   ArenaSizer block;
   VisionBlockSaved unused;
   block_tensors(p, d, inter, dt, block, unused);
@@ -259,24 +161,24 @@ size_t vision_tower_activation_bytes(const VisionConfig& c, const VisionShape& s
 
 size_t vision_tower_scratch_bytes(const VisionConfig& c, const VisionShape& s, DType dt) {
   const int64_t p = s.patches, d = c.hidden_size, inter = c.intermediate_size;
-  const size_t forward = 2 * arena_bytes(p, DType::i64);
-  // Backward: dx, d_mid, d_ln [P, D] and d_act [P, I], then the largest sub-layer scratch.
+  // dx, d_mid, d_ln [P, D] and d_act [P, I], then the largest sub-layer scratch.
   const size_t sub = std::max({attention_block_scratch_bytes(attention_config(c), p, dt),
                                patch_merger_scratch_bytes(merger_config(c, false), p, dt),
                                patch_merger_scratch_bytes(merger_config(c, true), p, dt)});
   ArenaSizer own;
   backward_tensors(p, d, inter, dt, own);
-  const size_t backward = own.bytes() + sub;
-  return std::max(forward, backward);
+  return own.bytes() + sub;
 }
 
 void vision_tower_forward(const VisionConfig& c, const VisionTowerWeights& w, const Tensor& image_pixels,
-                          const Tensor& video_pixels, const Tensor& grid, Arena& acts, Arena& scratch,
+                          const Tensor& video_pixels, const VisionPlan& plan, Arena& acts,
                           VisionTowerState& st, const VisionBlockCalls& calls, TensorParallel* tp) {
   const char* L = "vision_tower_forward";
   const int parts = tp_parts(L, c, tp);
-  const int64_t patches = check_grid(L, c, grid);
   const DType dt = w.patch_w.dtype();
+  require(L, "plan.pos_idx", plan.pos_idx, DType::i64, {-1, 4});
+  const int64_t patches = plan.pos_idx.size(0);
+  require(L, "plan.pos_weight", plan.pos_weight, dt, {patches, 4});
   const int64_t features = c.patch_features();
   int64_t given = 0;
   for (const Tensor* px : {&image_pixels, &video_pixels}) {
@@ -287,36 +189,14 @@ void vision_tower_forward(const VisionConfig& c, const VisionTowerWeights& w, co
   Q3VL_CHECK(given == patches, L, ": the pixel tensors have ", given, " patch rows but the grids need ", patches);
   Q3VL_CHECK(static_cast<int64_t>(st.blocks.size()) == c.depth, L, ": state was made for another config");
   const int64_t d = c.hidden_size, hd = c.head_dim(), inter = c.intermediate_size / parts;
-  const int64_t items = grid.size(0), tokens = patches / c.merge_unit();
+  const int64_t tokens = patches / c.merge_unit();
 
   st.pixel_parts[0] = image_pixels;
   st.pixel_parts[1] = video_pixels;
-  st.grid = Tensor::empty(acts, {items, 3}, DType::i64);
-  copy(st.grid, grid);
-  int64_t frames = 0;
-  for (int64_t i = 0; i < items; ++i) frames += grid.data<int64_t>()[3 * i];
-  st.cu_seqlens = Tensor::empty(acts, {frames + 1}, DType::i64);
-  {
-    int64_t* cu = st.cu_seqlens.data<int64_t>();
-    const int64_t* g = grid.data<int64_t>();
-    int64_t f = 0;
-    cu[0] = 0;
-    for (int64_t i = 0; i < items; ++i)
-      for (int64_t t = 0; t < g[3 * i]; ++t, ++f) cu[f + 1] = cu[f] + g[3 * i + 1] * g[3 * i + 2];
-  }
-  st.pos_idx = Tensor::empty(acts, {patches, 4}, DType::i64);
-  st.pos_weight = Tensor::empty(acts, {patches, 4}, dt);
-  vision_position_plan(grid, c.num_grid_per_side(), c.spatial_merge_size, st.pos_idx, st.pos_weight);
+  st.plan = plan;
   st.cos = Tensor::empty(acts, {patches, hd}, dt);
   st.sin = Tensor::empty(acts, {patches, hd}, dt);
-  {
-    const size_t mark = scratch.mark();
-    const Tensor rows = Tensor::empty(scratch, {patches}, DType::i64);
-    const Tensor cols = Tensor::empty(scratch, {patches}, DType::i64);
-    vision_rotary_coordinates(grid, c.spatial_merge_size, rows, cols);
-    vision_rope_cos_sin(rows, cols, hd, c.rope_theta, st.cos, st.sin);
-    scratch.release(mark);
-  }
+  vision_rope_cos_sin(plan.rotary_rows, plan.rotary_cols, hd, c.rope_theta, st.cos, st.sin);
 
   // Patch embedding (per pixel tensor into its rows) plus the resampled position embedding.
   Tensor x = Tensor::empty(acts, {patches, d}, dt);
@@ -329,7 +209,7 @@ void vision_tower_forward(const VisionConfig& c, const VisionTowerWeights& w, co
   {
     const size_t mark = acts.mark();
     const Tensor pos = Tensor::empty(acts, {patches, d}, dt);
-    vision_pos_embed_forward(w.pos_table, st.pos_idx, st.pos_weight, pos);
+    vision_pos_embed_forward(w.pos_table, plan.pos_idx, plan.pos_weight, pos);
     add_into(x, pos);
     acts.release(mark);
   }
@@ -348,7 +228,7 @@ void vision_tower_forward(const VisionConfig& c, const VisionTowerWeights& w, co
     layernorm_forward(x, bw.norm1_w, bw.norm1_b, c.layer_norm_eps, s.ln1, s.mean1, s.rstd1);
     AttentionWeights attn_w = bw.attn;
     if (!adds_bias) attn_w.bo = Tensor{};
-    s.attn = attention_block_forward(acfg, attn_w, s.ln1, st.cos, st.sin, st.cu_seqlens, acts, s.x_mid);
+    s.attn = attention_block_forward(acfg, attn_w, s.ln1, st.cos, st.sin, plan.cu_seqlens, acts, s.x_mid);
     tp_all_reduce(tp, s.x_mid);
     add_into(s.x_mid, x);
     layernorm_forward(s.x_mid, bw.norm2_w, bw.norm2_b, c.layer_norm_eps, s.ln2, s.mean2, s.rstd2);
@@ -377,7 +257,7 @@ void vision_tower_backward(const VisionConfig& c, const VisionTowerWeights& w, c
   const char* L = "vision_tower_backward";
   const int parts = tp_parts(L, c, tp);
   const DType dt = w.patch_w.dtype();
-  const int64_t patches = st.pos_idx.size(0), d = c.hidden_size, inter = c.intermediate_size / parts;
+  const int64_t patches = st.plan.pos_idx.size(0), d = c.hidden_size, inter = c.intermediate_size / parts;
   require(L, "d_embeds", d_embeds, dt, {st.embeds.size(0), c.out_hidden_size});
   Q3VL_CHECK(d_deepstack.size() == st.tap_merger.size(), L, ": ", d_deepstack.size(),
              " DeepStack gradients for ", st.tap_merger.size(), " taps");
@@ -414,14 +294,14 @@ void vision_tower_backward(const VisionConfig& c, const VisionTowerWeights& w, c
     layernorm_backward(s.x_mid, bw.norm2_w, s.mean2, s.rstd2, d_ln, d_mid, bg.norm2_w, bg.norm2_b);
     add_into(d_mid, dx);
     // x_mid = x_in + attn(ln1(x_in)).
-    attention_block_backward(acfg, bw.attn, s.ln1, st.cos, st.sin, st.cu_seqlens, s.attn, d_mid, d_ln, bg.attn,
+    attention_block_backward(acfg, bw.attn, s.ln1, st.cos, st.sin, st.plan.cu_seqlens, s.attn, d_mid, d_ln, bg.attn,
                              scratch);
     tp_all_reduce(tp, d_ln);  // column-parallel qkv: partial input gradient
     layernorm_backward(s.x_in, bw.norm1_w, s.mean1, s.rstd1, d_ln, dx, bg.norm1_w, bg.norm1_b);
     add_into(dx, d_mid);
     if (calls.after) calls.after(b);
   }
-  vision_pos_embed_backward(st.pos_idx, st.pos_weight, dx, grads.pos_table);
+  vision_pos_embed_backward(st.plan.pos_idx, st.plan.pos_weight, dx, grads.pos_table);
   int64_t row = 0;
   for (const Tensor& px : st.pixel_parts) {
     if (!px.defined() || px.size(0) == 0) continue;

@@ -24,6 +24,7 @@
 #include "core/layers/vision.h"
 #include "core/model/config.h"
 #include "core/model/param_store.h"
+#include "core/model/vision_plan.h"
 #include "core/tensor.h"
 
 namespace q3vl {
@@ -54,14 +55,12 @@ struct VisionBlockSaved {
 };
 
 // Everything the backward needs, plus the outputs. Sized for the config once (no allocation per step);
-// the tensors point into the activation arena. Keeps views of the pixel tensors, which must outlive the
-// backward.
+// the tensors point into the activation arena. Keeps views of the pixel tensors and of the plan, which must
+// outlive the backward.
 struct VisionTowerState {
   explicit VisionTowerState(const VisionConfig& config);
   Tensor pixel_parts[2];       // images, videos (either may be undefined)
-  Tensor grid;                 // i64 [items, 3] images then videos
-  Tensor cu_seqlens;           // i64 [frames + 1]
-  Tensor pos_idx, pos_weight;  // [P, 4]
+  VisionPlan plan;             // the forward's plan
   Tensor cos, sin;             // [P, head_dim]
   std::vector<VisionBlockSaved> blocks;
   std::vector<PatchMergerSaved> taps;  // per DeepStack merger
@@ -71,18 +70,11 @@ struct VisionTowerState {
   std::vector<int> tap_merger;     // merger index of the k-th tap in block order
 };
 
-// Sizes of one vision batch.
-struct VisionShape {
-  int64_t patches = 0;  // rows of all pixel tensors
-  int64_t items = 0;    // images + videos
-  int64_t frames = 0;   // sum of t over items (attention blocks)
-};
-
 // Activation-arena bytes of the forward (saved tensors plus the largest transient it borrows there); sized for
 // the whole tower, an upper bound under tensor parallelism.
 size_t vision_tower_activation_bytes(const VisionConfig& config, const VisionShape& shape, DType dtype);
-// Scratch-arena bytes of the forward (transient) and of the backward (released before returning); also an
-// upper bound under tensor parallelism.
+// Scratch-arena bytes of the backward (released before returning; the forward takes none); also an upper bound
+// under tensor parallelism.
 size_t vision_tower_scratch_bytes(const VisionConfig& config, const VisionShape& shape, DType dtype);
 
 // Called around each block's use (forward, and again in the backward) so that a sharded store can gather that
@@ -93,10 +85,11 @@ struct VisionBlockCalls {
 };
 
 // pixel_parts: up to two [P_i, patch_features] tensors (images, videos; undefined entries are skipped)
-// whose rows follow `grid` (i64 [items, 3]) in order. Fills `state`, outputs included. tp (null: none) splits
-// the blocks and mergers as described above; w must then hold that rank's slices.
+// whose rows follow plan.grid in order (vision_plan.h, planned for the dtype of w). Fills `state`, outputs
+// included. tp (null: none) splits the blocks and mergers as described above; w must then hold that rank's
+// slices.
 void vision_tower_forward(const VisionConfig& config, const VisionTowerWeights& w, const Tensor& image_pixels,
-                          const Tensor& video_pixels, const Tensor& grid, Arena& acts, Arena& scratch,
+                          const Tensor& video_pixels, const VisionPlan& plan, Arena& acts,
                           VisionTowerState& state, const VisionBlockCalls& calls = {}, TensorParallel* tp = nullptr);
 
 // d_embeds [M, out_hidden] and d_deepstack (one per tap, in state.deepstack order) are the gradients of
@@ -106,17 +99,5 @@ void vision_tower_backward(const VisionConfig& config, const VisionTowerWeights&
                            const Tensor& d_embeds, std::span<const Tensor> d_deepstack,
                            const VisionTowerWeights& grads, Arena& scratch, const VisionBlockCalls& calls = {},
                            TensorParallel* tp = nullptr);
-
-// HF transformers 5.x get_vision_interpolation_indices_and_weights (bilinear, align_corners=True) for
-// the merge-block patch order, with its fp32 arithmetic: src = index * (G - 1) / max(size - 1, 1),
-// taps floor and min(floor + 1, G - 1), per-axis weights 1 - d (d = src - floor) and 1 - (1 - d), weight =
-// product of the axis weights; corners ordered (top-left, top-right, bottom-left, bottom-right).
-// idx i64 [P, 4] and weight [P, 4] (f32, or f64 holding the fp32 values) written.
-void vision_position_plan(const Tensor& grid, int64_t grid_side, int64_t merge, const Tensor& idx,
-                          const Tensor& weight);
-
-// Rotary coordinates of every patch in the merge-block order of the pixel rows (HF get_vision_position_ids):
-// rows[p], cols[p] i64 [P] written.
-void vision_rotary_coordinates(const Tensor& grid, int64_t merge, const Tensor& rows, const Tensor& cols);
 
 }  // namespace q3vl

@@ -26,8 +26,10 @@ void BM_GoldenModelForwardBackward(benchmark::State& state) {
   Workspace ws(*model, BatchShape::of(tensors.batch()));
   for (auto _ : state) {
     model->zero_grads();
-    const ForwardResult r = model->forward(tensors.batch(), ws);
-    model->backward(ws);
+    // Planned every step, as the trainer does (and as HF's forward computes its position ids).
+    const BatchPlan plan = plan_batch(model->config(), model->dtype(), tensors.batch());
+    const ForwardResult r = model->forward(plan, tensors.batch(), ws);
+    model->backward(plan, ws);
     benchmark::DoNotOptimize(r.loss);
   }
   rusage ru{};

@@ -50,8 +50,9 @@ TEST_P(Golden, MatchesHuggingFace) {
   auto model = io::load_hf_model(gc.model_dir);
   const io::HostBatch host = io::read_hdf5_batch(gc.case_dir + "/batch.h5", io::batch_limits(model->config()));
   io::BatchTensors tensors(host, DType::f32);
-  Workspace ws(*model, BatchShape::of(tensors.batch()));
-  const ForwardResult r = model->forward(tensors.batch(), ws);
+  const BatchPlan plan = plan_batch(model->config(), model->dtype(), tensors.batch());
+  Workspace ws(*model, plan.shape);
+  const ForwardResult r = model->forward(plan, tensors.batch(), ws);
 
   const std::string expected = gc.case_dir + "/expected.h5";
   const io::F32Array logits = io::read_hdf5_f32(expected, "logits");
@@ -67,7 +68,7 @@ TEST_P(Golden, MatchesHuggingFace) {
   EXPECT_LE(std::abs(r.aux_loss - hf_aux), 1e-5 * std::abs(hf_aux)) << "aux " << r.aux_loss << " vs " << hf_aux;
 
   model->zero_grads();
-  model->backward(ws);
+  model->backward(plan, ws);
   const io::SafetensorsFile ref(gc.case_dir + "/grads.safetensors");
   Arena buf("golden grads", size_t(64) << 20);
   double worst = 0;

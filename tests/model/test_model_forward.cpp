@@ -30,12 +30,13 @@ struct RunOutput {
 };
 
 RunOutput run(Model& model, const Batch& batch, bool backward = true) {
-  Workspace ws(model, BatchShape::of(batch));
+  const BatchPlan plan = plan_batch(model.config(), model.dtype(), batch);
+  Workspace ws(model, plan.shape);
   RunOutput r;
-  r.result = model.forward(batch, ws);
+  r.result = model.forward(plan, batch, ws);
   const double* p = r.result.logits.data<double>();
   r.logits.assign(p, p + r.result.logits.numel());
-  if (backward) model.backward(ws);
+  if (backward) model.backward(plan, ws);
   return r;
 }
 
@@ -142,8 +143,9 @@ TEST(ModelForward, Float32AgreesWithFloat64) {
   TestBatch tb = image_video_batch();
   const Batch b64 = tb.view(DType::f64);
   const Batch b32 = tb.view(DType::f32);
-  Workspace w64(m64, BatchShape::of(b64)), w32(m32, BatchShape::of(b32));
-  const ForwardResult r64 = m64.forward(b64, w64), r32 = m32.forward(b32, w32);
+  const BatchPlan p64 = plan_batch(m64.config(), m64.dtype(), b64), p32 = plan_batch(m32.config(), m32.dtype(), b32);
+  Workspace w64(m64, p64.shape), w32(m32, p32.shape);
+  const ForwardResult r64 = m64.forward(p64, b64, w64), r32 = m32.forward(p32, b32, w32);
   // The parity budget against HF (1e-4 on logits): fp32 rounding through this tiny stack is ~1e-6.
   double worst = 0;
   for (int64_t i = 0; i < r64.logits.numel(); ++i)
@@ -157,12 +159,13 @@ TEST(ModelForward, RepeatedStepsGiveBitwiseEqualGradients) {
   m.init_weights(9);
   TestBatch tb = image_video_batch();
   const Batch b = tb.view(DType::f32);
-  Workspace ws(m, BatchShape::of(b));
+  const BatchPlan plan = plan_batch(m.config(), m.dtype(), b);
+  Workspace ws(m, plan.shape);
   std::vector<std::vector<float>> first;
   for (int rep = 0; rep < 2; ++rep) {
     m.zero_grads();
-    m.forward(b, ws);
-    m.backward(ws);
+    m.forward(plan, b, ws);
+    m.backward(plan, ws);
     for (size_t i = 0; i < m.grads().size(); ++i) {
       const Tensor& g = m.grads().tensor(i);
       std::vector<float> v(g.data<float>(), g.data<float>() + g.numel());
@@ -177,16 +180,18 @@ TEST(ModelForward, WorkspaceIsSizedUpFront) {
   m.init_weights(9);
   TestBatch tb = image_video_batch();
   const Batch b = tb.view(DType::f32);
-  Workspace ws(m, BatchShape::of(b));
-  m.forward(b, ws);
-  m.backward(ws);
+  const BatchPlan plan = plan_batch(m.config(), m.dtype(), b);
+  Workspace ws(m, plan.shape);
+  m.forward(plan, b, ws);
+  m.backward(plan, ws);
   EXPECT_LE(ws.activations().high_water(), ws.activations().capacity());
   EXPECT_LE(ws.scratch().high_water(), ws.scratch().capacity());
   // The estimate is an upper bound that wastes little (transients are counted once).
   EXPECT_GT(ws.activations().high_water(), ws.activations().capacity() * 8 / 10);
   // A smaller batch fits the same workspace; a larger one is refused before any computation.
   TestBatch small = video_row(true);
-  EXPECT_NO_THROW(m.forward(small.view(DType::f32), ws));
+  const Batch small_b = small.view(DType::f32);
+  EXPECT_NO_THROW(m.forward(plan_batch(m.config(), m.dtype(), small_b), small_b, ws));
   TestBatch big = image_video_batch();
   big.rows = 3;  // a third row of text: more tokens than the workspace holds
   for (int64_t i = 0; i < 18; ++i) {
@@ -194,7 +199,9 @@ TEST(ModelForward, WorkspaceIsSizedUpFront) {
     big.mask.push_back(1);
   }
   big.labels = labels_for(big.ids, big.mask);
-  EXPECT_NE(error_of([&] { m.forward(big.view(DType::f32), ws); }).find("exceeds the workspace"), std::string::npos);
+  const Batch big_b = big.view(DType::f32);
+  EXPECT_NE(error_of([&] { m.forward(plan_batch(m.config(), m.dtype(), big_b), big_b, ws); }).find("exceeds the workspace"),
+            std::string::npos);
 }
 
 TEST(ModelForward, PadTokenRowTakesNoEmbeddingGradient) {
@@ -271,8 +278,9 @@ TEST(ModelForward, BadBatchesAreErrorsNamingTheProblem) {
   {
     TestBatch tb = image_video_batch();
     const Batch b = tb.view(DType::f64);
-    Workspace ws(m, BatchShape::of(b));
-    EXPECT_NE(error_of([&] { m.backward(ws); }).find("no forward to differentiate"), std::string::npos);
+    const BatchPlan plan = plan_batch(m.config(), m.dtype(), b);
+    Workspace ws(m, plan.shape);
+    EXPECT_NE(error_of([&] { m.backward(plan, ws); }).find("no forward to differentiate"), std::string::npos);
   }
 }
 

@@ -26,13 +26,14 @@ void check_model_gradients(const std::string& name, const ModelConfig& config, T
     for (int64_t i = 0; i < b.numel(); ++i) b.data<float>()[i] = i % 2 ? bias : -bias;
   }
   const Batch batch = tb.view(DType::f64);
-  Workspace ws(model, BatchShape::of(batch));
+  const BatchPlan plan = plan_batch(model.config(), model.dtype(), batch);
+  Workspace ws(model, plan.shape);
   model.zero_grads();
-  const ForwardResult r = model.forward(batch, ws, options);
+  const ForwardResult r = model.forward(plan, batch, ws, options);
   ASSERT_GT(r.ce_tokens, 0);
-  model.backward(ws);
+  model.backward(plan, ws);
 
-  auto loss = [&] { return model.forward(batch, ws, options).loss; };
+  auto loss = [&] { return model.forward(plan, batch, ws, options).loss; };
   std::vector<GradTarget> targets;
   const ParamStore& w = model.weights();
   const ParamStore& g = model.grads();

@@ -9,6 +9,8 @@
 #include "core/layers/attention.h"
 #include "core/layers/padding_attention.h"
 #include "core/layers/vision.h"
+#include "core/model/text_decoder.h"
+#include "core/model/vision_plan.h"
 #include "core/model/vision_tower.h"
 #include "tests/support/gradcheck.h"
 
@@ -31,8 +33,8 @@ TEST(ModelParts, VisionPositionPlanHandComputed) {
   // 3x3 table resampled to a 4x4 grid: src = i * 2 / 3 = 0, 2/3, 4/3, 2 on both axes.
   std::vector<int64_t> grid = {1, 4, 4}, idx(64);
   std::vector<float> w(64);
-  vision_position_plan(Tensor(grid.data(), DType::i64, {1, 3}), 3, 2, Tensor(idx.data(), DType::i64, {16, 4}),
-                       Tensor(w.data(), DType::f32, {16, 4}));
+  vision_pos_embed_plan(Tensor(grid.data(), DType::i64, {1, 3}), 3, 2, Tensor(idx.data(), DType::i64, {16, 4}),
+                        Tensor(w.data(), DType::f32, {16, 4}));
   // Patch 3 is row 1, col 1 (block (0,0), in-block (1,1)): taps rows {0,1}, cols {0,1}, d = 2/3 both ways.
   EXPECT_EQ(idx[12], 0);
   EXPECT_EQ(idx[13], 1);
@@ -47,20 +49,6 @@ TEST(ModelParts, VisionPositionPlanHandComputed) {
   EXPECT_EQ(idx[63], 8);
   EXPECT_EQ(w[60], 1.0f);
   EXPECT_EQ(w[63], 0.0f);
-}
-
-TEST(ModelParts, VisionPositionPlanMatchesTheLinspaceLayer) {
-  // The layer's plan follows older HF (torch.linspace); HF 5.x computes index * (G-1) / (n-1). They pick the
-  // same taps; the fp32 source coordinates (up to G-1 = 47 < 64) differ by at most one ulp, 2^-23 * 64, which
-  // moves the weights by as much.
-  std::vector<int64_t> grid = {1, 6, 8, 2, 10, 4}, a(4 * 128), b(4 * 128);
-  std::vector<float> wa(4 * 128), wb(4 * 128);
-  const Tensor g(grid.data(), DType::i64, {2, 3});
-  vision_position_plan(g, 48, 2, Tensor(a.data(), DType::i64, {128, 4}), Tensor(wa.data(), DType::f32, {128, 4}));
-  vision_pos_embed_plan(g, 48, 2, Tensor(b.data(), DType::i64, {128, 4}), Tensor(wb.data(), DType::f32, {128, 4}));
-  EXPECT_EQ(a, b);
-  const double src_ulp = std::ldexp(1.0, -23) * 64;
-  for (size_t i = 0; i < wa.size(); ++i) EXPECT_NEAR(wa[i], wb[i], src_ulp) << i;
 }
 
 TEST(ModelParts, PaddingQueriesAttendToTheRealTokensOnly) {

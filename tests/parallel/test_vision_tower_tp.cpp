@@ -120,15 +120,16 @@ Tensor view(std::vector<int64_t>& v, Shape shape) { return Tensor(v.data(), DTyp
 std::vector<std::vector<double>> run_tower(const VisionConfig& c, const ParamStore& weights, const ParamStore& grads,
                                            Inputs& in, TensorParallel* tp) {
   const VisionShape shape{Inputs::kImagePatches + Inputs::kVideoPatches, 2, 3};
+  Arena plan_storage("vision tp test plan", vision_plan_bytes(shape, DType::f64));
   Arena acts("vision tp test activations", vision_tower_activation_bytes(c, shape, DType::f64));
   Arena scratch("vision tp test scratch", vision_tower_scratch_bytes(c, shape, DType::f64));
   const VisionTowerWeights w = vision_tower_weights(c, weights);
   const VisionTowerWeights g = vision_tower_weights(c, grads);
   const int64_t features = c.patch_features(), out = c.out_hidden_size;
+  const VisionPlan plan = plan_vision(c, view(in.grid, {2, 3}), Tensor{}, DType::f64, plan_storage);
   VisionTowerState state(c);
   vision_tower_forward(c, w, view(in.image, {Inputs::kImagePatches, features}),
-                       view(in.video, {Inputs::kVideoPatches, features}), view(in.grid, {2, 3}), acts, scratch, state,
-                       {}, tp);
+                       view(in.video, {Inputs::kVideoPatches, features}), plan, acts, state, {}, tp);
   std::vector<Tensor> d_deepstack;
   for (auto& d : in.d_deepstack) d_deepstack.push_back(view(d, {Inputs::kTokens, out}));
   vision_tower_backward(c, w, state, view(in.d_embeds, {Inputs::kTokens, out}), d_deepstack, g, scratch, {}, tp);
