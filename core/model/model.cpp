@@ -20,7 +20,6 @@ namespace q3vl {
 
 namespace {
 
-
 // The aux loss's d / d probs: [E] (pooled) or [MoE layers, E] (per-layer), sized for the larger.
 size_t aux_dprob_bytes(const ModelConfig& c, DType dtype) {
   return arena_bytes(std::max(c.num_moe_layers(), 1) * static_cast<int64_t>(std::max(c.text.num_experts, 1)), dtype);
@@ -29,6 +28,11 @@ size_t aux_dprob_bytes(const ModelConfig& c, DType dtype) {
 }  // namespace
 
 size_t Workspace::activation_bytes(const ModelConfig& c, const BatchShape& s, DType dt, bool expert_parallel) {
+  const int64_t n = s.tokens(), h = c.text.hidden_size;
+  // The MRoPE cos and sin (the batch's metadata lives in its plan), the vision tower, the embeddings.
+  size_t total = 2 * arena_bytes(n * c.text.head_dim, dt);
+  if (s.patches() > 0) total += vision_tower_activation_bytes(c.vision, {s.patches(), s.items, s.frames}, dt);
+  total += arena_bytes(n * h, dt);
   size_t transient = 0;
   for (int l = 0; l < c.text.num_hidden_layers; ++l) {
     const size_t t = decoder_layer_transient_bytes(c, l, n, dt, expert_parallel);
@@ -50,6 +54,7 @@ size_t Workspace::scratch_bytes(const ModelConfig& c, const BatchShape& s, DType
   const size_t text = 2 * arena_bytes(n * h, dt) + aux_dprob_bytes(c, dt) + layer;
   const size_t vision =
       s.patches() > 0 ? vision_tower_scratch_bytes(c.vision, {s.patches(), s.items, s.frames}, dt) : 0;
+  return visual_grads + std::max(text, vision);
 }
 
 Workspace::Workspace(const Model& model, const BatchShape& capacity)

@@ -25,7 +25,8 @@ struct MoeBench {
   Arena params;
   Arena saved;
   Arena scratch;
-  MoeWeights w, g;
+  MoeWeights w;
+  MoeGradients g;
   Tensor x, y, dy, dx;
   MoeStats stats;
   MoeSaved s;

@@ -101,8 +101,8 @@ void BM_MoeFwdBwd(benchmark::State& state) {
   const size_t mark = device_arena().mark();
   MoeWeights w{device_random({e, h}, kBf16, 1, 0.05), device_random({e, h, 2 * i}, kBf16, 2, 0.02),
                device_random({e, i, h}, kBf16, 3, 0.02), Tensor()};
-  MoeWeights g{Tensor::zeros(device_arena(), {e, h}, DType::f32), Tensor::zeros(device_arena(), {e, h, 2 * i}, DType::f32),
-               Tensor::zeros(device_arena(), {e, i, h}, DType::f32), Tensor()};
+  MoeGradients g{Tensor::zeros(device_arena(), {e, h}, DType::f32),
+                 Tensor::zeros(device_arena(), {e, h, 2 * i}, DType::f32), Tensor::zeros(device_arena(), {e, i, h}, DType::f32)};
   Tensor x = device_random({n, h}, kBf16, 4), dy = device_random({n, h}, kBf16, 5);
   Tensor y = Tensor::empty(device_arena(), {n, h}, kBf16), dx = Tensor::empty(device_arena(), {n, h}, kBf16);
   MoeStats stats;
