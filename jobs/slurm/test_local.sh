@@ -111,7 +111,8 @@ submit_train() {
 }
 logs+=("$work/chain.out")
 job=$(submit_train chain --time=00:02:00 --signal=B:USR1@50)
-step_line='^step [0-9]+/'
+# Progress lines start with the wall-clock time ("2026-12-04 20:29:19 step 4/16 | ...").
+step_line='^[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:]{8} step [0-9]+/'
 for start in 1 2; do
   # Once this start has trained a step of its own (a step line more than when it began) it gets the warning.
   wait_for_lines "$work/chain.out" 1 180 "^gpu-train: job $job start $start "
