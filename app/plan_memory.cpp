@@ -1,6 +1,7 @@
 // The layout checks, FSDP units, shards and per-rank memory of app/plan_memory.h.
 #include "app/plan_memory.h"
 
+#include <algorithm>
 
 #include "core/check.h"
 #include "core/model/param_specs.h"
@@ -92,6 +93,18 @@ PlanMemory plan_memory(const ModelConfig& c, const PlanLayoutArgs& l, const Batc
   m.grad_shard = kF32 * p.stored;
   m.adamw = 2 * kF32 * p.stored;
   m.gathered = (2 + 1) * kF32 * p.largest_unit;
+  if (l.fsdp * l.ep * l.tp == 1) {
+    // Resident sharding (pure data parallelism): each unit is one group split over the dp ranks for AdamW only;
+    // the reduce-scatter and all-gather stage dp + 1 chunks of the largest unit.
+    int64_t moments = 0, largest_chunk = 0;
+    for (const PlanUnit& u : plan_units(c, l)) {
+      const int64_t chunk = ceil_div(u.dense + u.experts, l.dp);  // rank 0's share, the largest
+      moments += chunk;
+      largest_chunk = std::max(largest_chunk, chunk);
+    }
+    m.adamw = 2 * kF32 * moments;
+    m.gathered = l.dp > 1 ? kF32 * (l.dp + 1) * largest_chunk : 0;
+  }
   m.activations = static_cast<int64_t>(Workspace::activation_bytes(c, shape, DType::f32, l.ep > 1));
   m.scratch = static_cast<int64_t>(Workspace::scratch_bytes(c, shape, DType::f32, l.ep > 1));
   if (l.ep > 1) {

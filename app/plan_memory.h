@@ -24,6 +24,9 @@
 //   shrink attention and MLP activations; not modelled). With ep > 1 the rows a rank receives for its experts
 //   are kept for the backward: under balanced routing tokens x top-k rows of hidden (input) + 2 x
 //   moe_intermediate (gate and up outputs) fp32 values per MoE layer.
+// - Pure data parallelism (fsdp = ep = tp = 1): the weights and gradients are whole on every rank and only the
+//   AdamW moments are split over the dp ranks (each unit one group); the collectives stage dp + 1 chunks of the
+//   largest unit, counted as `gathered`.
 #pragma once
 
 #include <cstdint>

@@ -153,18 +153,20 @@ void Trainer::Impl::build_model() {
   if (cfg.model.router_aux_loss_coef) mc.text.router_aux_loss_coef = *cfg.model.router_aux_loss_coef;
   const ParallelSection& par = cfg.parallel;
   if (par.fsdp * par.ep * par.tp == 1) {
+    // Pure data parallelism: the whole model on every rank, the optimizer's elements split over the ranks.
     std::unique_ptr<Model> loaded;  // an HF checkpoint, whole
     if (cfg.model.checkpoint) loaded = io::load_hf_model(*cfg.model.checkpoint);
     if (loaded && !cfg.model.router_aux_loss_coef) {
       model = std::move(loaded);
-      return;
-    }
-    model = std::make_unique<Model>(mc);
-    if (loaded) {
-      for (size_t i = 0; i < model->weights().size(); ++i) copy(model->weights().tensor(i), loaded->weights().tensor(i));
     } else {
-      model->init_weights(cfg.model.init_seed);
+      model = std::make_unique<Model>(mc);
+      if (loaded) {
+        for (size_t i = 0; i < model->weights().size(); ++i) copy(model->weights().tensor(i), loaded->weights().tensor(i));
+      } else {
+        model->init_weights(cfg.model.init_seed);
+      }
     }
+    sharded = std::make_unique<parallel::ShardedParams>(*model, *grid, parallel::Residency::resident);
     return;
   }
   // With tensor parallelism the experts are split like a dense MLP unless expert parallelism holds them whole.
@@ -221,45 +223,19 @@ void Trainer::Impl::build_optimizer(const AdamWOptions& ao) {
     t.frozen = std::find(frozen.begin(), frozen.end(), module) != frozen.end();
     return t;
   };
-  if (sharded) {
-    // FSDP: AdamW steps exactly this rank's pieces of the shards.
-    const TpLayout& tp = model->tp_layout();
-    const auto& pieces = sharded->pieces();
-    for (size_t i = 0; i < pieces.size(); ++i) {
-      const parallel::ShardedParams::Piece& p = pieces[i];
-      shard_tensors.push_back(entry(p.spec, Tensor(p.param, DType::f32, {p.numel}), Tensor(p.grad, DType::f32, {p.numel})));
-      const ParamSpec& spec = model->weights().specs()[p.spec];
-      if (tp_split_dim(spec, tp) >= 0 || tp.rank == 0) norm_tensors.push_back(shard_tensors.back());
-      if (tp_partial_grad(spec, tp)) tp_partial_pieces.push_back(i);
-    }
-    size_t partial = 0;
-    for (const size_t i : tp_partial_pieces) partial += static_cast<size_t>(pieces[i].numel);
-    tp_partial_buffer.resize(partial);
-    adamw = std::make_unique<AdamW>(shard_tensors, ao);
-    return;
+  // AdamW steps exactly this rank's pieces (every layout: sharded->pieces()).
+  const TpLayout& tp = model->tp_layout();
+  const auto& pieces = sharded->pieces();
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    const parallel::ShardedParams::Piece& p = pieces[i];
+    shard_tensors.push_back(entry(p.spec, Tensor(p.param, DType::f32, {p.numel}), Tensor(p.grad, DType::f32, {p.numel})));
+    const ParamSpec& spec = model->weights().specs()[p.spec];
+    if (tp_split_dim(spec, tp) >= 0 || tp.rank == 0) norm_tensors.push_back(shard_tensors.back());
+    if (tp_partial_grad(spec, tp)) tp_partial_pieces.push_back(i);
   }
-  // Whole model on every rank: one entry per parameter, in model_param_specs order.
-  for (size_t i = 0; i < model->weights().size(); ++i)
-    optim_tensors.push_back(entry(i, model->weights().tensor(i), model->grads().tensor(i)));
-  const int64_t ranks = comm.size(), me = comm.rank();
-  size_t staging_size = 0;
-  for (const OptimTensor& t : optim_tensors) {
-    const int64_t n = t.param.numel(), chunk = (n + ranks - 1) / ranks;
-    ShardRange r;
-    r.chunk = chunk;
-    r.lo = std::min(n, me * chunk);
-    r.hi = std::min(n, r.lo + chunk);
-    if (r.hi > r.lo) {
-      OptimTensor st = t;
-      st.param = Tensor(t.param.data<float>() + r.lo, DType::f32, {r.hi - r.lo});
-      st.grad = Tensor(t.grad.data<float>() + r.lo, DType::f32, {r.hi - r.lo});
-      r.optim_index = static_cast<int>(shard_tensors.size());
-      shard_tensors.push_back(st);
-    }
-    ranges.push_back(r);
-    staging_size = std::max(staging_size, static_cast<size_t>(chunk * (ranks + 1)));
-  }
-  if (ranks > 1) staging.resize(staging_size);
+  size_t partial = 0;
+  for (const size_t i : tp_partial_pieces) partial += static_cast<size_t>(pieces[i].numel);
+  tp_partial_buffer.resize(partial);
   adamw = std::make_unique<AdamW>(shard_tensors, ao);
 }
 

@@ -14,9 +14,12 @@
 // own sequences). The CE normaliser and the MoE routing statistics (so the aux loss is the global batch's) are
 // summed over ranks, so a run on R ranks with one sequence each computes the loss and update of one rank with R
 // sequences, up to fp32 summation order.
-// - fsdp = ep = tp = 1 (data parallelism only): every rank holds the whole model; gradients are reduce-scattered and
-//   AdamW is sharded over the ranks (ZeRO-1), updated chunks all-gathered; rank 0 writes whole-tensor checkpoints.
-// - fsdp x ep x tp > 1: parameters, gradients and AdamW state are sharded (parallel/sharded_params.h, ZeRO-3, units
+// Every layout goes through one sharding mechanism (parallel/sharded_params.h), which cuts each FSDP unit into flat
+// groups and gives every rank a piece of each for its AdamW; a layout only chooses the groups' ranks and residency:
+// - fsdp = ep = tp = 1 (data parallelism only; one process too): resident, every rank holds the whole model; the
+//   gradients are reduce-scattered into the pieces and AdamW steps this rank's (ZeRO-1), the updated pieces are
+//   all-gathered; rank 0 writes whole-tensor checkpoints.
+// - fsdp x ep x tp > 1: per unit, parameters, gradients and AdamW state are sharded (ZeRO-3, units
 //   gathered inside the model's forward and backward), the experts split over ep ranks with token exchange
 //   (core/layers/moe.h); the ranks of replica 0 write their pieces into a sharded checkpoint; the HF export
 //   is gathered unit by unit while rank 0 writes it.

@@ -1,5 +1,5 @@
-// The trainer's checkpoints (trainer_impl.h): saving whole-tensor checkpoints (every rank holds the whole model:
-// rank 0 writes, the AdamW moments gathered from the ranks' chunks) and sharded ones (each rank of replica 0 writes
+// The trainer's checkpoints (trainer_impl.h): saving whole-tensor checkpoints (resident sharding, every rank holds
+// the whole model: rank 0 writes, the AdamW moments gathered from the ranks' pieces) and sharded ones (each rank of replica 0 writes
 // its pieces), and resuming from either format in any layout, with the trainer state (step, loader position,
 // counters, router bias) in trainer_state.json.
 #include <algorithm>
@@ -46,55 +46,46 @@ std::string Trainer::Impl::trainer_state_json() const {
 }
 
 std::vector<io::NamedTensor> Trainer::Impl::full_moments(std::vector<float>& storage) {
-  int64_t total = 0;
-  for (const OptimTensor& t : optim_tensors) total += 2 * t.param.numel();
-  storage.assign(static_cast<size_t>(total), 0.0f);
+  const ParamStore& w = model->weights();
+  storage.assign(static_cast<size_t>(2 * w.numel()), 0.0f);
+  std::vector<float*> at(2 * w.size());  // per spec: exp_avg, exp_avg_sq
   std::vector<io::NamedTensor> out;
   float* p = storage.data();
-  for (size_t i = 0; i < optim_tensors.size(); ++i) {
-    const OptimTensor& t = optim_tensors[i];
-    const int64_t n = t.param.numel();
-    const ShardRange& r = ranges[i];
+  for (size_t i = 0; i < w.size(); ++i) {
     for (int which = 0; which < 2; ++which) {
-      if (r.optim_index >= 0) {
-        const Tensor& m = which == 0 ? adamw->exp_avg(r.optim_index) : adamw->exp_avg_sq(r.optim_index);
-        std::copy_n(m.data<float>(), r.hi - r.lo, p + r.lo);
-      }
-      gather_chunks(p, r, n);
-      out.push_back({t.name + (which == 0 ? ".exp_avg" : ".exp_avg_sq"), Tensor(p, DType::f32, t.param.shape())});
-      p += n;
+      at[2 * i + which] = p;
+      out.push_back({w.specs()[i].hf_key + (which == 0 ? ".exp_avg" : ".exp_avg_sq"),
+                     Tensor(p, DType::f32, w.tensor(i).shape())});
+      p += w.tensor(i).numel();
     }
+  }
+  std::vector<const float*> values(adamw->size());
+  for (int which = 0; which < 2; ++which) {
+    for (size_t k = 0; k < values.size(); ++k)
+      values[k] = (which == 0 ? adamw->exp_avg(k) : adamw->exp_avg_sq(k)).data<float>();
+    sharded->gather_whole(values, [&](size_t spec) { return at[2 * spec + which]; });
   }
   return out;
 }
 
 void Trainer::Impl::load_checkpoint(const std::string& dir, std::string& trainer_state) {
-  // Any layout's checkpoint (whole tensors or per-rank shards) is read by element ranges into this layout.
+  // Any layout's checkpoint (whole tensors or per-rank shards) is read by element ranges into this rank's pieces;
+  // resident parameters are then all-gathered into the whole weights.
   const io::CheckpointReader reader(dir, model->config());
   using Field = io::CheckpointReader::Field;
   const std::vector<ParamSpec>& specs = model->weights().specs();
-  if (sharded) {
-    const auto& pieces = sharded->pieces();
-    for (size_t i = 0; i < pieces.size(); ++i) {
-      const parallel::ShardedParams::Piece& p = pieces[i];
-      const std::string& key = specs[p.spec].hf_key;
-      for (const TpRun& r : tp_global_runs(specs[p.spec], model->tp_layout(), p.offset, p.numel)) {
-        const int64_t at = r.local_offset - p.offset;
-        reader.read(key, Field::param, r.global_offset, r.numel, p.param + at);
-        reader.read(key, Field::exp_avg, r.global_offset, r.numel, adamw->exp_avg(i).data<float>() + at);
-        reader.read(key, Field::exp_avg_sq, r.global_offset, r.numel, adamw->exp_avg_sq(i).data<float>() + at);
-      }
-    }
-  } else {
-    for (size_t i = 0; i < optim_tensors.size(); ++i) {
-      const Tensor& w = model->weights().tensor(i);
-      reader.read(specs[i].hf_key, Field::param, 0, w.numel(), w.data<float>());
-      const ShardRange& r = ranges[i];
-      if (r.optim_index < 0) continue;
-      reader.read(specs[i].hf_key, Field::exp_avg, r.lo, r.hi - r.lo, adamw->exp_avg(r.optim_index).data<float>());
-      reader.read(specs[i].hf_key, Field::exp_avg_sq, r.lo, r.hi - r.lo, adamw->exp_avg_sq(r.optim_index).data<float>());
+  const auto& pieces = sharded->pieces();
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    const parallel::ShardedParams::Piece& p = pieces[i];
+    const std::string& key = specs[p.spec].hf_key;
+    for (const TpRun& r : tp_global_runs(specs[p.spec], model->tp_layout(), p.offset, p.numel)) {
+      const int64_t at = r.local_offset - p.offset;
+      reader.read(key, Field::param, r.global_offset, r.numel, p.param + at);
+      reader.read(key, Field::exp_avg, r.global_offset, r.numel, adamw->exp_avg(i).data<float>() + at);
+      reader.read(key, Field::exp_avg_sq, r.global_offset, r.numel, adamw->exp_avg_sq(i).data<float>() + at);
     }
   }
+  sharded->parameters_updated();
   trainer_state = reader.trainer_state_json();
 }
 
@@ -157,8 +148,9 @@ void Trainer::Impl::resume_if_asked() {
 }
 
 std::string Trainer::Impl::save_checkpoint() {
-  if (sharded) return save_sharded_checkpoint();
-  // Every rank holds the same state: rank 0 writes, the others wait so nobody runs ahead of a failed save.
+  if (!sharded->resident()) return save_sharded_checkpoint();
+  // Every rank holds the same weights: rank 0 writes them with the moments gathered from the ranks' pieces; the
+  // others wait so nobody runs ahead of a failed save.
   std::string dir;
   beat("checkpoint of step " + std::to_string(step));
   std::vector<float> moment_storage;

@@ -27,7 +27,7 @@ void Trainer::Impl::export_model(const std::string& dir) {
   if (cfg.export_.tokenizer) eo.tokenizer_dir = *cfg.export_.tokenizer;
   eo.router_bias = model->router_bias();
   const io::WriteObserverScope progress(save_progress("HF export"));
-  if (sharded) {
+  if (!sharded->resident()) {
     export_sharded(dir, eo);
   } else if (root) {
     export_hf(dir, *model, eo);

@@ -60,8 +60,9 @@ struct Trainer::Impl {
   std::ostream& out;
   std::unique_ptr<parallel::ProcessGrid> grid;
   std::unique_ptr<Model> model;
-  // FSDP / expert parallelism (parallel.fsdp x parallel.ep > 1): the model's parameters live sharded here and
-  // AdamW steps this rank's pieces; otherwise every rank holds the whole model (ZeRO-1 below).
+  // Which elements this rank's AdamW steps, in every layout: with fsdp x ep x tp > 1 the parameters live sharded
+  // here (gathered per unit); otherwise every rank holds the whole model and the optimizer state is split over the
+  // dp ranks (resident sharding: ZeRO-1).
   std::unique_ptr<parallel::ShardedParams> sharded;
   std::unique_ptr<ExpertExchange> expert_exchange;
   std::unique_ptr<TensorParallel> tensor_parallel;
@@ -71,17 +72,7 @@ struct Trainer::Impl {
   std::vector<size_t> tp_partial_pieces;
   std::vector<float> tp_partial_buffer;
   std::unique_ptr<io::Loader> loader;
-  std::vector<OptimTensor> optim_tensors;  // every parameter, whole
-  // Optimizer sharding over the data-parallel ranks (ZeRO-1): each tensor of n elements is cut into `size`
-  // chunks of ceil(n / size); this rank's AdamW holds moments for its chunks only, steps them, and the updated
-  // chunks are all-gathered. One process: the chunk is the whole tensor.
-  struct ShardRange {
-    int64_t lo = 0, hi = 0, chunk = 0;  // this rank's elements [lo, hi) of a tensor, chunk = ceil(n / size)
-    int optim_index = -1;               // its entry in adamw (-1: empty chunk)
-  };
-  std::vector<ShardRange> ranges;      // per entry of optim_tensors
-  std::vector<OptimTensor> shard_tensors;  // this rank's chunks (what adamw steps and the norm sums)
-  std::vector<float> staging;          // padded send/receive buffer of the collectives
+  std::vector<OptimTensor> shard_tensors;  // this rank's pieces (sharded->pieces()), what adamw steps
   std::unique_ptr<AdamW> adamw;
   LrSchedule schedule;
   FlopModel flops;
@@ -129,8 +120,6 @@ struct Trainer::Impl {
   void reduce_expert_stats(std::vector<MoeStats>& layers);
   void reduce_gradients();
   void update_router_bias();
-  // All-gathers `data` [n] from the ranks' chunks (each rank's own chunk must be current in `data`).
-  void gather_chunks(float* data, const ShardRange& r, int64_t n);
 
   // trainer_checkpoint.cpp
   void resume_if_asked();
@@ -140,7 +129,7 @@ struct Trainer::Impl {
   std::string save_checkpoint();
   std::string save_sharded_checkpoint();
   // The AdamW moments as whole tensors shaped like their parameters, under the names a checkpoint stores them
-  // ("<key>.exp_avg", "<key>.exp_avg_sq"), in `storage`, gathered from every rank's chunks.
+  // ("<key>.exp_avg", "<key>.exp_avg_sq"), in `storage`, gathered from every rank's pieces (resident sharding).
   std::vector<io::NamedTensor> full_moments(std::vector<float>& storage);
 
   // trainer_export.cpp: the HF export of the final model into `dir` (every rank takes part).

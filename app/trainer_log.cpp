@@ -98,18 +98,8 @@ void Trainer::Impl::log_memory() {
   const BatchShape& cap = workspace->capacity();
   j["batch_shape"] = {{"batch", cap.batch}, {"seq", cap.seq}, {"image_patches", cap.image_patches},
                       {"video_patches", cap.video_patches}, {"items", cap.items}, {"frames", cap.frames}};
-  int64_t weights = 0, grads = 0, gathered = 0, staging_bytes = 0;
-  if (sharded) {
-    const parallel::ShardedParams::Memory m = sharded->memory();
-    weights = m.weight_shard;
-    grads = m.grad_shard;
-    gathered = m.gathered_peak;
-    staging_bytes = m.staging;
-  } else {
-    weights = static_cast<int64_t>(ParamStore::bytes(model->config(), DType::f32));
-    grads = weights;
-    staging_bytes = static_cast<int64_t>(staging.size() * sizeof(float));
-  }
+  const parallel::ShardedParams::Memory m = sharded->memory();
+  const int64_t weights = m.weight_shard, grads = m.grad_shard, gathered = m.gathered_peak, staging_bytes = m.staging;
   int64_t adam = 0;
   for (size_t i = 0; i < adamw->size(); ++i) adam += static_cast<int64_t>(AdamW::state_bytes(adamw->tensor(i).param.numel()));
   int64_t ep_buffers = 0;

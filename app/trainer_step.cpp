@@ -59,8 +59,7 @@ StepRecord Trainer::Impl::train_step() {
     workspace = std::make_unique<Workspace>(*model, cap);
   }
 
-  if (sharded) sharded->zero_grads();
-  else model->zero_grads();
+  sharded->zero_grads();
   for (auto& c : expert_counts) std::fill(c.begin(), c.end(), 0);
   ++health_steps;
   const int64_t normalizer = std::max<int64_t>(rec.target_tokens, 1);
@@ -115,11 +114,10 @@ StepRecord Trainer::Impl::train_step() {
                           : 0.0;
   rec.loss = rec.ce_loss + coef * rec.aux_loss;
   {
-    // Each element is owned by one rank of a replica (ZeRO-1 chunks: one rank of the world).
-    double sum_sq = gradient_sum_of_squares(sharded ? norm_tensors : shard_tensors);
+    double sum_sq = gradient_sum_of_squares(norm_tensors);
     rec.phases.optimizer_s += seconds_since(optimizer_start);
     comm_start = Clock::now();
-    (sharded ? grid->replica() : comm).all_reduce_sum(std::span<double>(&sum_sq, 1));
+    sharded->piece_owners().all_reduce_sum(std::span<double>(&sum_sq, 1));
     rec.phases.comm_s += seconds_since(comm_start);
     rec.grad_norm = std::sqrt(sum_sq);
   }
@@ -140,11 +138,9 @@ StepRecord Trainer::Impl::train_step() {
     update_router_bias();
     rec.phases.optimizer_s += seconds_since(optimizer_start);
     beat("step " + std::to_string(step) + ": parameter all-gather");
-    // Sharded parameters are gathered by the next forward; ZeRO-1 chunks are gathered now.
+    // Resident parameters are all-gathered now; per-unit ones by the next forward.
     comm_start = Clock::now();
-    for (size_t i = 0; i < optim_tensors.size(); ++i) {
-      if (!optim_tensors[i].frozen) gather_chunks(optim_tensors[i].param.data<float>(), ranges[i], optim_tensors[i].param.numel());
-    }
+    sharded->parameters_updated();
     rec.phases.comm_s += seconds_since(comm_start);
   }
   tokens_seen += rec.tokens;
@@ -200,48 +196,19 @@ void Trainer::Impl::reduce_expert_stats(std::vector<MoeStats>& layers) {
 }
 
 void Trainer::Impl::reduce_gradients() {
-  if (sharded) {
-    // The model's backward already reduce-scattered every unit inside the replica.
-    sharded->all_reduce_grads(grid->replicate());
-    if (!tp_partial_pieces.empty()) {
-      // q/k norms (and the router of split experts) saw only this rank's heads (expert columns).
-      const auto& pieces = sharded->pieces();
-      float* at = tp_partial_buffer.data();
-      for (const size_t i : tp_partial_pieces) at = std::copy_n(pieces[i].grad, pieces[i].numel, at);
-      grid->tp().all_reduce_sum(std::span<float>(tp_partial_buffer));
-      at = tp_partial_buffer.data();
-      for (const size_t i : tp_partial_pieces) {
-        std::copy_n(at, pieces[i].numel, pieces[i].grad);
-        at += pieces[i].numel;
-      }
-    }
-    return;
+  // Per-unit sharding: the model's backward already reduce-scattered every unit inside the replica.
+  sharded->reduce_gradients();
+  if (tp_partial_pieces.empty()) return;
+  // q/k norms (and the router of split experts) saw only this rank's heads (expert columns).
+  const auto& pieces = sharded->pieces();
+  float* at = tp_partial_buffer.data();
+  for (const size_t i : tp_partial_pieces) at = std::copy_n(pieces[i].grad, pieces[i].numel, at);
+  grid->tp().all_reduce_sum(std::span<float>(tp_partial_buffer));
+  at = tp_partial_buffer.data();
+  for (const size_t i : tp_partial_pieces) {
+    std::copy_n(at, pieces[i].numel, pieces[i].grad);
+    at += pieces[i].numel;
   }
-  if (comm.size() == 1) return;
-  const size_t ranks = static_cast<size_t>(comm.size());
-  for (size_t i = 0; i < optim_tensors.size(); ++i) {
-    const OptimTensor& t = optim_tensors[i];
-    if (t.frozen) continue;
-    const ShardRange& r = ranges[i];
-    const size_t chunk = static_cast<size_t>(r.chunk), n = static_cast<size_t>(t.grad.numel());
-    // Padded to ranks x chunk; rank q receives the sum of chunk q, which is all its optimizer reads.
-    float* send = staging.data();
-    std::copy_n(t.grad.data<float>(), n, send);
-    std::fill(send + n, send + chunk * ranks, 0.0f);
-    float* recv = staging.data() + chunk * ranks;
-    comm.reduce_scatter_sum(std::span<const float>(send, chunk * ranks), std::span<float>(recv, chunk));
-    std::copy_n(recv, r.hi - r.lo, t.grad.data<float>() + r.lo);
-  }
-}
-
-void Trainer::Impl::gather_chunks(float* data, const ShardRange& r, int64_t n) {
-  if (comm.size() == 1) return;
-  const size_t chunk = static_cast<size_t>(r.chunk), ranks = static_cast<size_t>(comm.size());
-  float* send = staging.data() + chunk * ranks;  // the last chunk of the staging buffer
-  std::fill_n(send, chunk, 0.0f);
-  std::copy_n(data + r.lo, r.hi - r.lo, send);
-  comm.all_gather(std::span<const float>(send, chunk), std::span<float>(staging.data(), chunk * ranks));
-  std::copy_n(staging.data(), n, data);
 }
 
 }  // namespace q3vl::app

@@ -17,10 +17,20 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
 
-ShardedParams::ShardedParams(Model& model, ProcessGrid& grid) : model_(model) {
+ShardedParams::ShardedParams(Model& model, ProcessGrid& grid, Residency residency)
+    : model_(model), residency_(residency) {
   const ModelConfig& c = model.config();
   Q3VL_CHECK(model.dtype() == DType::f32, kWhere, ": the model must be f32, not ", dtype_name(model.dtype()));
-  const int ep = grid.shape().ep;
+  const GridShape& shape = grid.shape();
+  const bool keep = resident();
+  Q3VL_CHECK(!keep || shape.fsdp * shape.ep * shape.tp == 1, kWhere,
+             ": resident parameters are for pure data parallelism (fsdp = ep = tp = 1), not fsdp ", shape.fsdp,
+             ", ep ", shape.ep, ", tp ", shape.tp);
+  // Resident: the dp ranks split the optimizer's elements and sum the gradients themselves; per unit: the
+  // replica's ranks split everything, the dp replicas sum their shards' gradients.
+  replicas_ = keep ? nullptr : &grid.replicate();
+  owners_ = keep ? &grid.replicate() : &grid.replica();
+  const int ep = shape.ep;
   if (ep > 1) {
     Q3VL_CHECK(c.num_moe_layers() > 0, kWhere, ": parallel.ep ", ep, " needs an MoE model");
     Q3VL_CHECK(c.text.num_experts % ep == 0, kWhere, ": parallel.ep ", ep, " must divide num_experts ",
@@ -33,8 +43,8 @@ ShardedParams::ShardedParams(Model& model, ProcessGrid& grid) : model_(model) {
   for (const ParamUnit& pu : model.units()) {
     Unit unit;
     Group dense, experts;
-    dense.comm = &grid.shard();
-    experts.comm = &grid.expert_shard();
+    dense.comm = keep ? &grid.replicate() : &grid.shard();
+    experts.comm = keep ? &grid.replicate() : &grid.expert_shard();
     for (size_t i = pu.first_spec; i < pu.end_spec; ++i) {
       Part p;
       p.spec = i;
@@ -58,9 +68,11 @@ ShardedParams::ShardedParams(Model& model, ProcessGrid& grid) : model_(model) {
       grp->lo = std::min(grp->total, grp->comm->rank() * grp->chunk);
       grp->hi = std::min(grp->total, grp->lo + grp->chunk);
       grp->shard_at = shard_size;
-      shard_size += static_cast<size_t>(grp->chunk);
-      staging = std::max(staging, static_cast<size_t>(grp->chunk * ranks));
-      recv = std::max(recv, static_cast<size_t>(grp->chunk));
+      if (!keep) shard_size += static_cast<size_t>(grp->chunk);
+      if (!keep || ranks > 1) {
+        staging = std::max(staging, static_cast<size_t>(grp->chunk * ranks));
+        recv = std::max(recv, static_cast<size_t>(grp->chunk));
+      }
       unit.groups.push_back(*grp);
     }
     memory_.largest_unit = std::max(memory_.largest_unit, unit.local_bytes);
@@ -70,26 +82,38 @@ ShardedParams::ShardedParams(Model& model, ProcessGrid& grid) : model_(model) {
   grad_shard_.assign(shard_size, 0.0f);
   staging_.assign(staging, 0.0f);
   received_.assign(recv, 0.0f);
-  memory_.weight_shard = memory_.grad_shard = static_cast<int64_t>(4 * shard_size);
+  memory_.weight_shard = memory_.grad_shard =
+      keep ? static_cast<int64_t>(ParamStore::bytes(c, DType::f32)) : static_cast<int64_t>(4 * shard_size);
   memory_.staging = static_cast<int64_t>(4 * (staging + recv));
 
-  // This rank's pieces: each group's [lo, hi) cut at the part boundaries.
-  for (const Unit& u : units_) {
-    for (const Group& grp : u.groups) {
+  // This rank's pieces: each group's [lo, hi) cut at the part boundaries. Resident pieces are the elements
+  // themselves in the model's stores.
+  for (Unit& u : units_) {
+    for (Group& grp : u.groups) {
+      grp.first_piece = pieces_.size();
       int64_t at = 0;
       for (const Part& p : grp.parts) {
         const int64_t b = std::max(grp.lo, at), e = std::min(grp.hi, at + p.numel);
         if (e > b) {
           const size_t s = grp.shard_at + static_cast<size_t>(b - grp.lo);
-          pieces_.push_back({p.spec, p.offset + (b - at), e - b, weight_shard_.data() + s, grad_shard_.data() + s});
+          float* weight = keep ? p.weight + (b - at) : weight_shard_.data() + s;
+          float* grad = keep ? p.grad + (b - at) : grad_shard_.data() + s;
+          pieces_.push_back({p.spec, p.offset + (b - at), e - b, weight, grad});
+          piece_at_.push_back(b - grp.lo);
         }
         at += p.numel;
       }
+      grp.end_piece = pieces_.size();
     }
   }
 }
 
+void ShardedParams::require_per_unit(const char* what) const {
+  Q3VL_CHECK(!resident(), kWhere, ": ", what, " is for per-unit (FSDP) sharding; resident parameters stay gathered");
+}
+
 void ShardedParams::init(uint64_t seed, double std) {
+  require_per_unit("init");
   ParamStore& w = model_.weights();
   for (size_t u = 0; u < units_.size(); ++u) {
     const ParamUnit& pu = model_.units()[u];
@@ -106,10 +130,70 @@ void ShardedParams::init(uint64_t seed, double std) {
   }
 }
 
-void ShardedParams::zero_grads() { std::fill(grad_shard_.begin(), grad_shard_.end(), 0.0f); }
+void ShardedParams::zero_grads() {
+  if (resident()) model_.zero_grads();
+  else std::fill(grad_shard_.begin(), grad_shard_.end(), 0.0f);
+}
 
-void ShardedParams::all_reduce_grads(Comm& replicas) {
-  if (replicas.size() > 1) replicas.all_reduce_sum(std::span<float>(grad_shard_));
+void ShardedParams::reduce_gradients() {
+  if (!resident()) {
+    if (replicas_->size() > 1) replicas_->all_reduce_sum(std::span<float>(grad_shard_));
+    return;
+  }
+  for (const Unit& u : units_) {
+    for (const Group& grp : u.groups) {
+      const size_t chunk = static_cast<size_t>(grp.chunk), ranks = static_cast<size_t>(grp.comm->size());
+      if (ranks == 1) continue;  // the pieces are the whole gradients
+      // Padded to ranks x chunk; this rank receives the sum of its chunk, which is all its optimizer reads.
+      float* send = staging_.data();
+      int64_t at = 0;
+      for (const Part& p : grp.parts) {
+        std::memcpy(send + at, p.grad, 4 * static_cast<size_t>(p.numel));
+        at += p.numel;
+      }
+      std::fill(send + grp.total, send + chunk * ranks, 0.0f);
+      grp.comm->reduce_scatter_sum(std::span<const float>(send, chunk * ranks), std::span<float>(received_.data(), chunk));
+      for (size_t k = grp.first_piece; k < grp.end_piece; ++k)
+        std::memcpy(pieces_[k].grad, received_.data() + piece_at_[k], 4 * static_cast<size_t>(pieces_[k].numel));
+    }
+  }
+}
+
+void ShardedParams::parameters_updated() {
+  if (!resident()) return;
+  std::vector<const float*> values(pieces_.size());
+  for (size_t k = 0; k < pieces_.size(); ++k) values[k] = pieces_[k].param;
+  const ParamStore& w = model_.weights();
+  gather_whole(values, [&](size_t spec) { return w.tensor(spec).data<float>(); });
+}
+
+void ShardedParams::gather_whole(const std::vector<const float*>& values,
+                                 const std::function<float*(size_t spec)>& whole) {
+  Q3VL_CHECK(values.size() == pieces_.size(), kWhere, ": gather_whole takes ", pieces_.size(), " piece values, got ",
+             values.size());
+  for (const Unit& u : units_) {
+    for (const Group& grp : u.groups) {
+      const size_t chunk = static_cast<size_t>(grp.chunk), ranks = static_cast<size_t>(grp.comm->size());
+      if (ranks == 1) {
+        // One rank's pieces are its parts, whole: copy unless they already are the destination.
+        for (size_t k = grp.first_piece; k < grp.end_piece; ++k) {
+          float* to = whole(pieces_[k].spec) + pieces_[k].offset;
+          if (to != values[k]) std::memcpy(to, values[k], 4 * static_cast<size_t>(pieces_[k].numel));
+        }
+        continue;
+      }
+      float* mine = received_.data();
+      std::fill_n(mine, chunk, 0.0f);
+      for (size_t k = grp.first_piece; k < grp.end_piece; ++k)
+        std::memcpy(mine + piece_at_[k], values[k], 4 * static_cast<size_t>(pieces_[k].numel));
+      grp.comm->all_gather(std::span<const float>(mine, chunk), std::span<float>(staging_.data(), chunk * ranks));
+      int64_t at = 0;
+      for (const Part& p : grp.parts) {
+        std::memcpy(whole(p.spec) + p.offset, staging_.data() + at, 4 * static_cast<size_t>(p.numel));
+        at += p.numel;
+      }
+    }
+  }
 }
 
 void ShardedParams::add_gathered(int64_t bytes) {
@@ -134,6 +218,7 @@ void ShardedParams::gather_group(const Group& grp) {
 }
 
 void ShardedParams::acquire(int unit) {
+  require_per_unit("acquire");
   Unit& u = units_.at(static_cast<size_t>(unit));
   Q3VL_CHECK(!u.held, kWhere, ": unit '", model_.units()[unit].name, "' acquired twice");
   for (const Group& grp : u.groups) gather_group(grp);
@@ -142,6 +227,7 @@ void ShardedParams::acquire(int unit) {
 }
 
 void ShardedParams::release(int unit) {
+  require_per_unit("release");
   Unit& u = units_.at(static_cast<size_t>(unit));
   Q3VL_CHECK(u.held, kWhere, ": unit '", model_.units()[unit].name, "' released but not held");
   model_.weights().discard_unit(static_cast<size_t>(unit));
@@ -150,6 +236,7 @@ void ShardedParams::release(int unit) {
 }
 
 void ShardedParams::gradients_ready(int unit) {
+  require_per_unit("gradients_ready");
   Unit& u = units_.at(static_cast<size_t>(unit));
   // The unit's gradients were written by its backward: count them until they are handed back.
   add_gathered(u.local_bytes);
@@ -176,6 +263,10 @@ void ShardedParams::gradients_ready(int unit) {
 
 void ShardedParams::for_each_gathered_unit(const std::function<void(int)>& visit) {
   for (size_t u = 0; u < units_.size(); ++u) {
+    if (resident()) {
+      visit(static_cast<int>(u));
+      continue;
+    }
     acquire(static_cast<int>(u));
     visit(static_cast<int>(u));
     release(static_cast<int>(u));
