@@ -96,8 +96,7 @@ size_t device_backward_bytes(const MoeConfig& c, int64_t n, DType dt) {
 // The valid mask as a predicate; no mask means every token is real.
 struct ValidMask {
   const uint8_t* u8 = nullptr;
-  const int64_t* i64 = nullptr;
-  bool operator()(int64_t t) const { return u8 ? u8[t] != 0 : i64 ? i64[t] != 0 : true; }
+  bool operator()(int64_t t) const { return u8 ? u8[t] != 0 : true; }
 };
 
 void check_config(const char* L, const MoeConfig& c) {
@@ -119,14 +118,11 @@ void check_params(const char* L, const MoeConfig& c, const Tensor& router, const
 
 ValidMask check_valid(const char* L, const Tensor& valid, int64_t n) {
   if (!valid.defined()) return {};
-  Q3VL_CHECK(valid.dtype() == DType::u8 || valid.dtype() == DType::i64, L, ": valid has dtype ",
-             dtype_name(valid.dtype()), ", expected u8 or i64");
-  require(L, "valid", valid, valid.dtype(), {n});
+  require(L, "valid", valid, DType::u8, {n});
   ValidMask m;
-  if (valid.dtype() == DType::u8) m.u8 = valid.data<uint8_t>();
-  else m.i64 = valid.data<int64_t>();
+  m.u8 = valid.data<uint8_t>();
   for (int64_t t = 0; t < n; ++t) {
-    const int64_t v = m.u8 ? m.u8[t] : m.i64[t];
+    const int v = m.u8[t];
     Q3VL_CHECK(v == 0 || v == 1, L, ": valid[", t, "] = ", v, ", expected 0 (padding) or 1 (real token)");
   }
   return m;

@@ -124,7 +124,8 @@ size_t moe_forward_transient_bytes(const MoeConfig& cfg, int64_t tokens, DType d
 size_t moe_backward_scratch_bytes(const MoeConfig& cfg, int64_t tokens, DType dtype, bool expert_parallel = false,
                                   Device device = Device::cpu);
 
-// x [N, H]; valid: u8 or i64 [N] of 0/1 (1 = real token), or undefined for all valid; y [N, H] written.
+// x [N, H]; valid: u8 [N] of 0/1 (1 = real token; the model's one padding encoding, BatchPlan::valid), or
+// undefined for all valid; y [N, H] written.
 // Padding tokens are routed and computed like the others (as in HF) but left out of `stats`.
 // With cfg.exchange (f32, E divisible by the group size) routing, stats and the sort by expert stay here (global
 // expert ids); the x rows travel to the ranks owning their experts, which run the expert GEMMs and send the

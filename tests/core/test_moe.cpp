@@ -42,13 +42,9 @@ MoeStats make_stats(int64_t E) {
   return {Tensor::zeros(test_arena(), {E}, DType::i64), Tensor::zeros(test_arena(), {E}, DType::f64), 0};
 }
 
-Tensor make_mask(int64_t n, std::initializer_list<int64_t> padded, DType dt) {
-  Tensor m = Tensor::zeros(test_arena(), {n}, dt);
-  for (int64_t t = 0; t < n; ++t) {
-    const bool pad = std::find(padded.begin(), padded.end(), t) != padded.end();
-    if (dt == DType::u8) m.data<uint8_t>()[t] = pad ? 0 : 1;
-    else m.data<int64_t>()[t] = pad ? 0 : 1;
-  }
+Tensor make_mask(int64_t n, std::initializer_list<int64_t> padded) {
+  Tensor m = Tensor::zeros(test_arena(), {n}, DType::u8);
+  for (int64_t t = 0; t < n; ++t) m.data<uint8_t>()[t] = std::find(padded.begin(), padded.end(), t) != padded.end() ? 0 : 1;
   return m;
 }
 
@@ -122,7 +118,7 @@ TEST(Moe, ForwardHandComputed) {
   Tensor x(xv, DType::f64, {3, 2});
   MoeWeights w{Tensor(router, DType::f64, {2, 2}), Tensor(gate_up, DType::f64, {2, 2, 2}),
                Tensor(down, DType::f64, {2, 1, 2})};
-  Tensor valid = make_mask(3, {2}, DType::u8);
+  Tensor valid = make_mask(3, {2});
   Tensor y = zeros_tensor({3, 2});
   MoeStats stats = make_stats(2);
   MoeSaved saved;
@@ -174,7 +170,7 @@ TEST(Moe, StatsReportTheSmallestRoutingMarginOfRealTokens) {
     MoeStats stats = make_stats(5);
     MoeSaved saved;
     Arena arena("moe saved", moe_forward_arena_bytes(cfg, n, DType::f64));
-    moe_forward(cfg, l.weights(), x, make_mask(n, {2}, DType::u8), arena, saved, y, stats);
+    moe_forward(cfg, l.weights(), x, make_mask(n, {2}), arena, saved, y, stats);
     if (K == 5) {
       EXPECT_EQ(stats.min_margin, std::numeric_limits<double>::infinity());
       continue;
@@ -271,8 +267,8 @@ TEST_P(MoeGrad, MatchesFiniteDifferences) {
   if (gc.bias) wa.score_bias = wb.score_bias = alternating_bias(gc.E);
   Tensor xa = random_tensor({n, H}, seed + 6), xb = random_tensor({n, H}, seed + 7);
   Tensor ra = random_tensor({n, H}, seed + 8), rb = random_tensor({n, H}, seed + 9);
-  Tensor va = gc.padding ? make_mask(n, {2, 5}, DType::u8) : Tensor{};
-  Tensor vb = gc.padding && !gc.per_layer ? make_mask(n, {2, 5}, DType::i64) : Tensor{};
+  Tensor va = gc.padding ? make_mask(n, {2, 5}) : Tensor{};
+  Tensor vb = gc.padding && !gc.per_layer ? make_mask(n, {2, 5}) : Tensor{};
   Tensor ya = zeros_tensor({n, H}), yb = zeros_tensor({n, H});
   MoeStats stats[2] = {make_stats(gc.E), make_stats(gc.E)};
   MoeSaved sa, sb;
@@ -341,7 +337,7 @@ TEST(Moe, AuxLossMatchesSpecFormulaPooledOverLayers) {
   const std::vector<int64_t> padded = {0, 4, 8};
   MoeLayer layers[2] = {make_layer(cfg, 40), make_layer(cfg, 43)};
   Tensor xs[2] = {random_tensor({n, H}, 46), random_tensor({n, H}, 47)};
-  Tensor valid = make_mask(n, {0, 4, 8}, DType::u8);
+  Tensor valid = make_mask(n, {0, 4, 8});
   MoeStats stats[2] = {make_stats(E), make_stats(E)};
   MoeSaved saved[2];
   Arena arena("moe saved", 2 * moe_forward_arena_bytes(cfg, n, DType::f64));
@@ -388,8 +384,8 @@ TEST(Moe, AuxLossPerLayerIsTheMeanOfTheLayersOwnLosses) {
   const int64_t E = 8, K = 2, n = 9, H = 5;
   const MoeConfig cfg{H, E, K, 3};
   MoeLayer layers[3] = {make_layer(cfg, 50), make_layer(cfg, 53), make_layer(cfg, 56)};
-  const Tensor valid[3] = {make_mask(n, {0, 4, 8}, DType::u8), Tensor{},
-                           make_mask(n, {0, 1, 2, 3, 4, 5, 6, 7, 8}, DType::u8)};
+  const Tensor valid[3] = {make_mask(n, {0, 4, 8}), Tensor{},
+                           make_mask(n, {0, 1, 2, 3, 4, 5, 6, 7, 8})};
   MoeStats stats[3] = {make_stats(E), make_stats(E), make_stats(E)};
   MoeSaved saved[3];
   Arena arena("moe saved", 3 * moe_forward_arena_bytes(cfg, n, DType::f64));
@@ -478,7 +474,7 @@ TEST(Moe, StatsSumTheRouterEntropyOfRealTokens) {
   MoeStats stats = make_stats(E);
   MoeSaved saved;
   Arena arena("moe saved", moe_forward_arena_bytes(cfg, n, DType::f64));
-  moe_forward(cfg, l.weights(), x, make_mask(n, {1, 4}, DType::u8), arena, saved, y, stats);
+  moe_forward(cfg, l.weights(), x, make_mask(n, {1, 4}), arena, saved, y, stats);
   double expect = 0;
   for (int64_t t = 0; t < n; ++t) {
     if (t == 1 || t == 4) continue;
@@ -525,7 +521,7 @@ TEST(Moe, Float32MatchesFloat64) {
   MoeLayer l32 = cast_layer(l64, DType::f32);
   // x in [-0.25, 0.25] keeps the 64-term logits O(1) so the routing is not saturated.
   Tensor x64 = random_tensor({n, 64}, 63, 0.25), dy64 = random_tensor({n, 64}, 64);
-  Tensor valid = make_mask(n, {7, 30}, DType::i64);
+  Tensor valid = make_mask(n, {7, 30});
   Tensor aux64 = random_tensor({16}, 65, 0.1);
   Arena a64("moe saved f64", moe_forward_arena_bytes(cfg, n, DType::f64));
   Arena a32("moe saved f32", moe_forward_arena_bytes(cfg, n, DType::f32));
@@ -617,11 +613,13 @@ TEST(Moe, RejectsBadArgumentsNamingThem) {
   bad.router = zeros_tensor({8, 5}, DType::f32);
   expect_error(fwd(cfg, bad, x, Tensor{}), "moe_forward: w.gate_up has dtype f64, expected f32");
   expect_error(fwd(cfg, l.weights(), zeros_tensor({n, 6}), Tensor{}), "moe_forward: x has shape [4,6], expected [*,5]");
-  Tensor mask = make_mask(n, {}, DType::u8);
+  Tensor mask = make_mask(n, {});
   mask.data<uint8_t>()[3] = 2;
   expect_error(fwd(cfg, l.weights(), x, mask), "moe_forward: valid[3] = 2, expected 0 (padding) or 1");
-  expect_error(fwd(cfg, l.weights(), x, zeros_tensor({n})), "moe_forward: valid has dtype f64, expected u8 or i64");
-  expect_error(fwd(cfg, l.weights(), x, make_mask(n + 1, {}, DType::i64)), "moe_forward: valid has shape [5]");
+  expect_error(fwd(cfg, l.weights(), x, zeros_tensor({n})), "moe_forward: valid has dtype f64, expected u8");
+  expect_error(fwd(cfg, l.weights(), x, Tensor::zeros(test_arena(), {n}, DType::i64)),
+               "moe_forward: valid has dtype i64, expected u8");
+  expect_error(fwd(cfg, l.weights(), x, make_mask(n + 1, {})), "moe_forward: valid has shape [5]");
   expect_error(
       [&] {
         MoeStats s = stats;

@@ -38,19 +38,17 @@ namespace q3vl::cuda {
 
 namespace {
 
-// The valid mask (u8 or i64, or neither: every token real); nonzero is real (the host checks for 0/1).
+// The valid mask (u8, or none: every token real); nonzero is real (the host checks for 0/1).
 struct Mask {
   const uint8_t* u8 = nullptr;
-  const int64_t* i64 = nullptr;
-  __device__ int64_t value(int64_t t) const { return u8 ? int64_t(u8[t]) : i64 ? i64[t] : 1; }
+  __device__ int64_t value(int64_t t) const { return u8 ? int64_t(u8[t]) : 1; }
   __device__ bool operator()(int64_t t) const { return value(t) != 0; }
 };
 
 Mask mask_of(const Tensor& valid) {
   Mask m;
   if (!valid.defined()) return m;
-  if (valid.dtype() == DType::u8) m.u8 = static_cast<const uint8_t*>(valid.raw());
-  else m.i64 = static_cast<const int64_t*>(valid.raw());
+  m.u8 = static_cast<const uint8_t*>(valid.raw());
   return m;
 }
 
@@ -295,9 +293,7 @@ void check_weights(const char* L, const MoeConfig& c, const MoeWeights& w, DType
 
 void check_valid(const char* L, const Tensor& valid, int64_t n) {
   if (!valid.defined()) return;
-  Q3VL_CHECK(valid.dtype() == DType::u8 || valid.dtype() == DType::i64, L, ": valid has dtype ",
-             dtype_name(valid.dtype()), ", expected u8 or i64");
-  require_device(L, "valid", valid, valid.dtype(), {n});
+  require_device(L, "valid", valid, DType::u8, {n});
 }
 
 void check_arena(const char* L, const char* name, const Arena& arena, size_t need) {
