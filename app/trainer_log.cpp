@@ -102,9 +102,8 @@ void Trainer::Impl::log_memory() {
   const int64_t weights = m.weight_shard, grads = m.grad_shard, gathered = m.gathered_peak, staging_bytes = m.staging;
   int64_t adam = 0;
   for (size_t i = 0; i < adamw->size(); ++i) adam += static_cast<int64_t>(AdamW::state_bytes(adamw->tensor(i).param.numel()));
-  int64_t ep_buffers = 0;
-  for (const size_t b : workspace->expert_parallel_bytes()) ep_buffers += static_cast<int64_t>(b);
-  if (expert_exchange) ep_buffers += static_cast<int64_t>(expert_exchange_scratch_bytes(*expert_exchange));
+  // The expert-rows arena is sized for the worst case; the rows the routing used are its high-water mark.
+  const int64_t ep_buffers = static_cast<int64_t>(workspace->expert_rows().high_water());
   const int64_t acts = static_cast<int64_t>(workspace->activations().capacity());
   const int64_t scratch = static_cast<int64_t>(workspace->scratch().capacity());
   j["weight_shard_bytes"] = weights;

@@ -53,10 +53,19 @@ StepRecord Trainer::Impl::train_step() {
   if (cfg.train.max_tokens > 0)
     Q3VL_CHECK(need.tokens() <= cfg.train.max_tokens, "train.max_tokens: a micro-batch of ", need.tokens(),
                " tokens exceeds the configured capacity ", cfg.train.max_tokens);
-  if (!workspace || !batch_fits(need, workspace->capacity())) {
+  // Expert parallelism: any rank's rows may all come to this rank's experts, so the expert rows are sized for
+  // the group's largest batch.
+  int64_t group_tokens = need.tokens();
+  if (expert_exchange) {
+    const Clock::time_point t = Clock::now();
+    grid->expert().all_reduce_max(std::span<int64_t>(&group_tokens, 1));
+    rec.phases.comm_s += seconds_since(t);
+  }
+  if (!workspace || !batch_fits(need, workspace->capacity()) || group_tokens > workspace->expert_group_tokens()) {
     const BatchShape cap = workspace ? batch_shape_max(need, workspace->capacity()) : need;
+    if (workspace) group_tokens = std::max(group_tokens, workspace->expert_group_tokens());
     workspace.reset();
-    workspace = std::make_unique<Workspace>(*model, cap);
+    workspace = std::make_unique<Workspace>(*model, cap, group_tokens);
   }
 
   sharded->zero_grads();

@@ -1,6 +1,8 @@
 // Arena implementation: host memory, or one device allocation (core/device.h) for a CUDA arena.
 #include "core/arena.h"
 
+#include <sys/mman.h>
+
 #include <cstdlib>
 
 #include "core/check.h"
@@ -16,7 +18,13 @@ Arena::Arena(std::string name, size_t capacity_bytes, Device device)
     if (capacity_ > 0) base_ = device_alloc(capacity_, "arena '" + name_ + "'");
     return;
   }
-  if (capacity_ > 0) {
+  if (capacity_ >= kReserveFrom) {
+    // Reserved, not committed: pages take memory once written, so an arena sized for a worst case that is
+    // rarely reached (the expert-parallel rows) costs address space, not memory.
+    base_ = mmap(nullptr, capacity_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    Q3VL_CHECK(base_ != MAP_FAILED, "arena '", name_, "': cannot reserve ", capacity_, " bytes");
+    mapped_ = true;
+  } else if (capacity_ > 0) {
     base_ = std::aligned_alloc(kAlign, capacity_);
     Q3VL_CHECK(base_ != nullptr, "arena '", name_, "': cannot allocate ", capacity_, " bytes");
   }
@@ -25,6 +33,8 @@ Arena::Arena(std::string name, size_t capacity_bytes, Device device)
 Arena::~Arena() {
   if (device_ == Device::cuda)
     device_free(base_);
+  else if (mapped_)
+    munmap(base_, capacity_);
   else
     std::free(base_);
 }

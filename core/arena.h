@@ -13,6 +13,8 @@ namespace q3vl {
 class Arena {
  public:
   static constexpr size_t kAlign = 64;
+  // Host arenas from this size on are reserved address space whose pages are committed when first written.
+  static constexpr size_t kReserveFrom = size_t{1} << 20;
 
   Arena(std::string name, size_t capacity_bytes, Device device = Device::cpu);
   ~Arena();
@@ -41,6 +43,7 @@ class Arena {
   size_t used_ = 0;
   size_t high_water_ = 0;
   void* base_ = nullptr;
+  bool mapped_ = false;
 };
 
 }  // namespace q3vl

@@ -30,6 +30,11 @@ struct MoeConfig {
   // Expert parallelism (f32 only): when set, this rank computes only its local experts (see ExpertExchange)
   // and the (token, slot) rows travel to the rank owning their expert and back. Unset: every expert here.
   ExpertExchange* exchange = nullptr;
+  // With exchange: where the expert-parallel rows live (host memory). moe_forward carves each layer's received
+  // rows (kept for its backward: MoeSaved::ep_*) once the counts are known, and both directions borrow their
+  // transient rows after them; sized by moe_expert_rows_bytes for the worst case, so nothing is allocated in
+  // the step and a batch beyond the sizing is an error naming the arena.
+  Arena* expert_rows = nullptr;
 };
 
 // Expert parallelism: the E experts are split over size() ranks in contiguous blocks, rank q owning experts
@@ -49,10 +54,6 @@ class ExpertExchange {
   virtual void exchange_rows(const void* send, std::span<const int64_t> send_rows, void* recv,
                              std::span<const int64_t> recv_rows, size_t row_bytes) = 0;
 
-  // Transient rows and block indices of moe_forward / moe_backward, shared by every MoE layer of the model
-  // (they run one at a time); they only grow.
-  std::vector<float> scratch;
-  std::vector<int64_t> index;
 };
 
 // The on-disk layouts: router is nn.Linear [E, H]; experts are x @ W with gate_up [E, H, 2I] (gate = first I
@@ -86,13 +87,14 @@ struct MoeSaved {
   Tensor pair_row;        // i64 [N * k] inverse: sorted row of pair p
   Tensor gate_up_out;     // [N * k, 2I] x @ gate_up_e of each sorted row (local path; undefined with EP)
 
-  // Expert parallelism only (P ranks, El = E / P local experts). How many rows this rank's experts receive
-  // depends on the routing of every rank, so these live in host vectors that only grow and are reused across
-  // steps, not in the arena (sized before routing is known).
-  int64_t ep_rows = 0;                   // M: rows received for the local experts from all ranks
-  std::vector<int64_t> ep_counts;        // [P * El] rows rank q sent for local expert j, at q * El + j
-  std::vector<float> ep_x;               // [M, H] received x rows, expert-major (expert j: rank 0's, rank 1's, ...)
-  std::vector<float> ep_gate_up_out;     // [M, 2I] ep_x @ gate_up of each row's expert
+  // Expert parallelism only (P ranks, El = E / P local experts), carved from MoeConfig::expert_rows: how many
+  // rows this rank's experts receive depends on the routing of every rank, so they are carved after the counts
+  // arrive, exactly M rows.
+  int64_t ep_rows = 0;     // M: rows received for the local experts from all ranks
+  Tensor ep_counts;        // i64 [P * El] rows rank q sent for local expert j, at q * El + j
+  Tensor ep_blocks;        // i64 [3 E + 2 P] the blocks' layout (arrival and expert-major starts, per-rank rows)
+  Tensor ep_x;             // [M, H] received x rows, expert-major (expert j: rank 0's, rank 1's, ...)
+  Tensor ep_gate_up_out;   // [M, 2I] ep_x @ gate_up of each row's expert
 };
 
 // Per-layer routing statistics of the real (valid) tokens, written by moe_forward.
@@ -144,10 +146,11 @@ void moe_backward(const MoeConfig& cfg, const MoeWeights& w, const Tensor& x, co
                   const MoeSaved& saved, const Tensor& dy, const Tensor& aux_dprob, const Tensor& dx,
                   const MoeGradients& grads, Arena& scratch);
 
-// Bytes of the growable expert-parallel buffers of one MoE layer currently held (capacity), for memory reports,
-// and of the transient buffers every layer shares through the exchange.
-size_t moe_expert_parallel_bytes(const MoeSaved& saved);
-size_t expert_exchange_scratch_bytes(const ExpertExchange& exchange);
+// Bytes of MoeConfig::expert_rows for `moe_layers` layers of cfg (exchange set: its group size P) when no rank
+// of the group has more than `max_tokens` tokens: the worst case the layout allows, each rank receiving all
+// P x max_tokens tokens' rows for min(k, E / P) of its experts, per layer, plus one direction's transient rows.
+// Balanced routing uses about 1 / P of it; the trainer reports the high-water mark.
+size_t moe_expert_rows_bytes(const MoeConfig& cfg, int64_t max_tokens, int moe_layers);
 
 // Pools the stats of L layers: T = sum of valid tokens, f_e = counts_e / T, P_e = prob_sum_e / T, and returns
 // aux = E * sum_e f_e P_e (0 when T = 0). When aux_dprob ([E], f32 or f64) is defined it is written with

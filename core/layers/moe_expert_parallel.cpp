@@ -1,13 +1,17 @@
 // Expert parallelism of the MoE block: the sorted (token, slot) rows go to the ranks owning their experts over an
 // ExpertExchange (counts first, then rows), the owner regroups what arrives expert-major, runs its local experts'
 // GEMMs (forward) or their backward with the weight gradients, and sends the result rows back in arrival order.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <numeric>
 #include <span>
 #include <vector>
 
+#include "core/arena_layout.h"
+#include "core/check.h"
 #include "core/kernels/cpu/gemm.h"
+#include "core/layer_checks.h"
 #include "core/layers/moe_expert_parallel.h"
 
 namespace q3vl {
@@ -15,31 +19,6 @@ namespace q3vl {
 namespace moe_detail {
 
 namespace {
-
-// The vectors are used from their first Arena::kAlign-aligned element, like arena memory: Eigen's element-wise
-// kernels (exp, sums) run an unaligned head in scalar code that rounds differently, so results would otherwise
-// depend on where the allocator put a buffer.
-template <class T>
-T* aligned_start(const std::vector<T>& v) {
-  const uintptr_t at = reinterpret_cast<uintptr_t>(v.data());
-  return const_cast<T*>(v.data()) + (Arena::aligned(at) - at) / sizeof(T);
-}
-template <class T>
-int64_t usable(const std::vector<T>& v) {
-  return v.empty() ? 0 : static_cast<int64_t>(v.data() + v.size() - aligned_start(v));
-}
-
-// n aligned elements of v, which never shrinks (the buffers are reused across steps). Growth discards the old
-// contents (every caller overwrites them), so nothing is copied, and allocates just what is needed.
-template <class T>
-T* grown(std::vector<T>& v, int64_t n) {
-  if (usable(v) < n) {
-    v.clear();
-    v.reserve(static_cast<size_t>(n) + Arena::kAlign / sizeof(T));
-    v.resize(v.capacity());
-  }
-  return aligned_start(v);
-}
 
 // The group's layout and where the received blocks lie. Block b = q * El + j holds the rows rank q sent for local
 // expert j (counts[b] of them); it starts at row arrival[b] in arrival order (rank-major, as exchange_rows lands
@@ -62,8 +41,8 @@ struct Blocks {
   }
 };
 
-// Lays out the blocks of `counts` (the received [P * El] matrix) in index (E + E + P + P entries, from
-// ex.index); offsets [E + 1] are this rank's sorted rows by global expert.
+// Lays out the blocks of `counts` (the received [P * El] matrix) in index (E + E + P + P entries, of
+// MoeSaved::ep_blocks); offsets [E + 1] are this rank's sorted rows by global expert.
 Blocks lay_out(const ExpertExchange& ex, int64_t E, const int64_t* offsets, const int64_t* counts, int64_t* index) {
   Blocks b;
   b.ranks = ex.size();
@@ -96,6 +75,29 @@ Blocks lay_out(const ExpertExchange& ex, int64_t E, const int64_t* offsets, cons
 
 int64_t index_size(int64_t E, int ranks) { return 2 * E + 2 * ranks; }
 
+// Floats per received row of each direction's transient rows: forward arrived x, activations and outputs
+// (2H + I); backward arrived and expert-major dy with the routing weight (W = H + 1 each), d act and d gate_up.
+int64_t transient_row_floats(const MoeConfig& c) {
+  const int64_t H = c.hidden, I = c.expert_ffn;
+  return std::max(2 * H + I, 2 * (H + 1) + 3 * I);
+}
+
+// The rows one layer keeps for its backward when M rows arrive, and its layout indices.
+size_t layer_rows_bytes(const MoeConfig& c, int P, int64_t M) {
+  const int64_t E = c.num_experts, H = c.hidden, I = c.expert_ffn;
+  return arena_bytes(E, DType::i64) + arena_bytes(index_size(E, P) + E, DType::i64) + arena_bytes(M * H, DType::f32) +
+         arena_bytes(M * 2 * I, DType::f32);
+}
+
+// The expert-rows arena must hold `bytes` more: otherwise the error says why (a rank of the group has more
+// tokens than the arena was sized for).
+void require_room(const MoeConfig& c, const char* what, int64_t M, size_t bytes) {
+  const Arena& a = *c.expert_rows;
+  Q3VL_CHECK(a.capacity() - a.used() >= bytes, "moe expert parallelism: ", what, " of ", M,
+             " received rows need ", bytes, " bytes of arena '", a.name(), "', which has ", a.capacity() - a.used(),
+             " of ", a.capacity(), " left (it is sized by moe_expert_rows_bytes for the largest rank's tokens)");
+}
+
 // Copies every block of rows `width` floats wide from its start in `from` to its start in `to`.
 void move_blocks(const Blocks& b, const int64_t* from, const int64_t* to, int64_t width, const float* src,
                  float* dst) {
@@ -114,37 +116,49 @@ void check_expert_parallel(const char* L, const MoeConfig& cfg, DType dtype) {
   Q3VL_CHECK(P >= 1 && r >= 0 && r < P, L, ": expert exchange has rank ", r, " of size ", P);
   Q3VL_CHECK(cfg.num_experts % P == 0, L, ": num_experts ", cfg.num_experts,
              " is not divisible by the expert-parallel group size ", P);
+  Q3VL_CHECK(cfg.expert_rows != nullptr && cfg.expert_rows->device() == Device::cpu, L,
+             ": expert parallelism needs MoeConfig::expert_rows, a host arena sized by moe_expert_rows_bytes");
 }
 
 void check_expert_parallel_saved(const char* L, const MoeConfig& cfg, const MoeSaved& saved) {
-  const int64_t M = saved.ep_rows, H = cfg.hidden, I = cfg.expert_ffn;
-  Q3VL_CHECK(saved.ep_counts.size() == static_cast<size_t>(cfg.num_experts), L, ": saved.ep_counts holds ",
-             saved.ep_counts.size(), " counts, expected num_experts = ", cfg.num_experts,
-             " (was the forward expert-parallel?)");
-  Q3VL_CHECK(std::accumulate(saved.ep_counts.begin(), saved.ep_counts.end(), int64_t{0}) == M, L,
-             ": saved.ep_counts do not add up to saved.ep_rows = ", M);
-  Q3VL_CHECK(usable(saved.ep_x) >= M * H && usable(saved.ep_gate_up_out) >= M * 2 * I, L,
-             ": saved.ep_x / saved.ep_gate_up_out hold ", usable(saved.ep_x), " / ", usable(saved.ep_gate_up_out),
-             " floats, fewer than ", M, " received rows need");
+  const int64_t M = saved.ep_rows, E = cfg.num_experts, H = cfg.hidden, I = cfg.expert_ffn;
+  Q3VL_CHECK(saved.ep_counts.defined() && saved.ep_blocks.defined(), L,
+             ": saved has no expert-parallel counts (was the forward expert-parallel?)");
+  require(L, "saved.ep_counts", saved.ep_counts, DType::i64, {E});
+  require(L, "saved.ep_blocks", saved.ep_blocks, DType::i64, {index_size(E, cfg.exchange->size()) + E});
+  const int64_t* counts = saved.ep_counts.data<int64_t>();
+  Q3VL_CHECK(std::accumulate(counts, counts + E, int64_t{0}) == M, L, ": saved.ep_counts do not add up to saved.ep_rows = ",
+             M);
+  require(L, "saved.ep_x", saved.ep_x, DType::f32, {M, H});
+  require(L, "saved.ep_gate_up_out", saved.ep_gate_up_out, DType::f32, {M, 2 * I});
 }
 
 void expert_parallel_forward(const MoeConfig& cfg, const MoeWeights& w, const float* x, int64_t pairs,
                              const int64_t* offsets, const int64_t* sorted_pair, MoeSaved& saved, float* rows) {
   ExpertExchange& ex = *cfg.exchange;
+  Arena& arena = *cfg.expert_rows;
   const int64_t E = cfg.num_experts, H = cfg.hidden, I = cfg.expert_ffn, K = cfg.top_k;
-  int64_t* index = grown(ex.index, index_size(E, ex.size()) + E);
-  // The first E entries carry the counts this rank sends: rows for each global expert.
+  require_room(cfg, "the counts", 0, layer_rows_bytes(cfg, ex.size(), 0));
+  saved.ep_counts = Tensor::empty(arena, {E}, DType::i64);
+  saved.ep_blocks = Tensor::empty(arena, {index_size(E, ex.size()) + E}, DType::i64);
+  int64_t* index = saved.ep_blocks.data<int64_t>();
+  // The last E entries carry the counts this rank sends: rows for each global expert.
   int64_t* send_counts = index + index_size(E, ex.size());
   for (int64_t e = 0; e < E; ++e) send_counts[e] = offsets[e + 1] - offsets[e];
-  saved.ep_counts.resize(E);
-  int64_t* counts = saved.ep_counts.data();
+  int64_t* counts = saved.ep_counts.data<int64_t>();
   ex.exchange_counts({send_counts, static_cast<size_t>(E)}, {counts, static_cast<size_t>(E)});
   const Blocks b = lay_out(ex, E, offsets, counts, index);
   const int64_t M = b.received, El = b.local_experts;
   saved.ep_rows = M;
-  float* xr = grown(saved.ep_x, M * H);
-  float* h = grown(saved.ep_gate_up_out, M * 2 * I);
-  float* arrived = grown(ex.scratch, M * (2 * H + I));
+  require_room(cfg, "the forward", M,
+               arena_bytes(M * H, DType::f32) + arena_bytes(M * 2 * I, DType::f32) +
+                   arena_bytes(M * transient_row_floats(cfg), DType::f32));
+  saved.ep_x = Tensor::empty(arena, {M, H}, DType::f32);
+  saved.ep_gate_up_out = Tensor::empty(arena, {M, 2 * I}, DType::f32);
+  float* xr = saved.ep_x.data<float>();
+  float* h = saved.ep_gate_up_out.data<float>();
+  const size_t transient = arena.mark();
+  float* arrived = static_cast<float*>(arena.allocate(sizeof(float) * static_cast<size_t>(M * (2 * H + I))));
   float* act = arrived + M * H;
   float* out = act + M * I;
   const std::span<const int64_t> send_rows(b.send_rows, b.ranks), recv_rows(b.recv_rows, b.ranks);
@@ -168,6 +182,7 @@ void expert_parallel_forward(const MoeConfig& cfg, const MoeWeights& w, const fl
 
   move_blocks(b, b.grouped, b.arrival, H, out, arrived);
   ex.exchange_rows(arrived, recv_rows, rows, send_rows, sizeof(float) * H);
+  arena.release(transient);
 }
 
 void expert_parallel_backward(const MoeConfig& cfg, const MoeWeights& w, const float* dy, const float* topk_weight,
@@ -175,11 +190,14 @@ void expert_parallel_backward(const MoeConfig& cfg, const MoeWeights& w, const f
                               const MoeSaved& saved, const MoeGradients& grads, float* rows) {
   ExpertExchange& ex = *cfg.exchange;
   const int64_t E = cfg.num_experts, H = cfg.hidden, I = cfg.expert_ffn, K = cfg.top_k, W = H + 1;
-  const Blocks b = lay_out(ex, E, offsets, saved.ep_counts.data(), grown(ex.index, index_size(E, ex.size())));
+  Arena& arena = *cfg.expert_rows;
+  const Blocks b = lay_out(ex, E, offsets, saved.ep_counts.data<int64_t>(), saved.ep_blocks.data<int64_t>());
   const int64_t M = b.received, El = b.local_experts;
-  const float* xr = aligned_start(saved.ep_x);
-  const float* h = aligned_start(saved.ep_gate_up_out);
-  float* arrived = grown(ex.scratch, M * (2 * W + 3 * I));
+  const float* xr = saved.ep_x.data<float>();
+  const float* h = saved.ep_gate_up_out.data<float>();
+  require_room(cfg, "the backward", M, arena_bytes(M * transient_row_floats(cfg), DType::f32));
+  const size_t transient = arena.mark();
+  float* arrived = static_cast<float*>(arena.allocate(sizeof(float) * static_cast<size_t>(M * (2 * W + 3 * I))));
   float* grouped = arrived + M * W;
   float* grad_act = grouped + M * W;
   float* dh = grad_act + M * I;
@@ -215,17 +233,20 @@ void expert_parallel_backward(const MoeConfig& cfg, const MoeWeights& w, const f
 
   move_blocks(b, b.grouped, b.arrival, W, grouped, arrived);
   ex.exchange_rows(arrived, recv_rows, rows, send_rows, sizeof(float) * W);
+  arena.release(transient);
 }
 
 }  // namespace moe_detail
 
-size_t moe_expert_parallel_bytes(const MoeSaved& saved) {
-  return sizeof(int64_t) * saved.ep_counts.capacity() +
-         sizeof(float) * (saved.ep_x.capacity() + saved.ep_gate_up_out.capacity());
-}
-
-size_t expert_exchange_scratch_bytes(const ExpertExchange& exchange) {
-  return sizeof(float) * exchange.scratch.capacity() + sizeof(int64_t) * exchange.index.capacity();
+size_t moe_expert_rows_bytes(const MoeConfig& cfg, int64_t max_tokens, int moe_layers) {
+  Q3VL_CHECK(cfg.exchange != nullptr && cfg.exchange->size() >= 1 && cfg.num_experts % cfg.exchange->size() == 0,
+             "moe_expert_rows_bytes: needs the expert exchange, whose group size divides num_experts");
+  Q3VL_CHECK(max_tokens >= 0 && moe_layers >= 0, "moe_expert_rows_bytes: max_tokens ", max_tokens, " and moe_layers ",
+             moe_layers, " must be >= 0");
+  const int P = cfg.exchange->size();
+  const int64_t worst_rows = P * max_tokens * std::min(cfg.top_k, cfg.num_experts / P);
+  return static_cast<size_t>(moe_layers) * moe_detail::layer_rows_bytes(cfg, P, worst_rows) +
+         arena_bytes(worst_rows * moe_detail::transient_row_floats(cfg), DType::f32);
 }
 
 }  // namespace q3vl

@@ -57,19 +57,24 @@ size_t Workspace::scratch_bytes(const ModelConfig& c, const BatchShape& s, DType
   return visual_grads + std::max(text, vision);
 }
 
-Workspace::Workspace(const Model& model, const BatchShape& capacity)
+Workspace::Workspace(const Model& model, const BatchShape& capacity, int64_t expert_group_tokens)
     : capacity_(capacity),
+      expert_group_tokens_(std::max(expert_group_tokens, capacity.tokens())),
       acts_("activations", activation_bytes(model.config(), capacity, model.dtype(), model.expert_parallel())),
       scratch_("scratch", scratch_bytes(model.config(), capacity, model.dtype(), model.expert_parallel())),
+      expert_rows_("expert-parallel rows", model.expert_rows_bytes(expert_group_tokens_)),
       vision(model.config().vision),
       layers(model.config().text.num_hidden_layers),
       d_deepstack(model.config().vision.deepstack_visual_indexes.size()),
       moe_stats(model.config().num_moe_layers()) {}
 
-std::vector<size_t> Workspace::expert_parallel_bytes() const {
-  std::vector<size_t> out;
-  for (const DecoderLayerSaved& l : layers) out.push_back(moe_expert_parallel_bytes(l.moe));
-  return out;
+
+size_t Model::expert_rows_bytes(int64_t max_tokens) const {
+  if (exchange_ == nullptr) return 0;
+  MoeConfig m = text_moe_config(config_.text);
+  m.exchange = exchange_;
+  if (tp_ != nullptr && tp_layout().experts_split) m.expert_ffn /= tp_->size();
+  return moe_expert_rows_bytes(m, max_tokens, config_.num_moe_layers());
 }
 
 Model::Model(const ModelConfig& config, DType dtype, const TpLayout& tp)
@@ -115,6 +120,7 @@ ForwardResult Model::forward(const BatchPlan& plan, const Batch& batch, Workspac
   ws.plan_ = &plan;
   ws.acts_.reset();
   ws.scratch_.reset();
+  ws.expert_rows_.reset();
   ws.ids = batch.input_ids.view({plan.shape.tokens()});
   text_context(plan, ws);
 
@@ -179,6 +185,7 @@ void Model::text_context(const BatchPlan& plan, Workspace& ws) const {
   const auto& sec = c.text.mrope_section;
   mrope_cos_sin(plan.positions, c.text.head_dim, c.text.rope_theta, {sec[0], sec[1], sec[2]}, ctx.cos, ctx.sin);
   ctx.expert_exchange = exchange_;
+  ctx.expert_rows = exchange_ ? &ws.expert_rows_ : nullptr;
   ctx.tp = tp_;
   ctx.tp_experts_split = tp_layout().experts_split;
 }

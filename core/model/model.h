@@ -75,7 +75,9 @@ class Model;
 // records the backward reads. Reused across steps; forward resets it.
 class Workspace {
  public:
-  Workspace(const Model& model, const BatchShape& capacity);
+  // expert_group_tokens: with expert parallelism, the most tokens any rank of the group brings to a forward
+  // (their rows may all come here); 0 for this capacity's.
+  Workspace(const Model& model, const BatchShape& capacity, int64_t expert_group_tokens = 0);
 
   // expert_parallel: the MoE layers take the expert-parallel path (Model::set_expert_exchange).
   static size_t activation_bytes(const ModelConfig& config, const BatchShape& shape, DType dtype,
@@ -84,17 +86,20 @@ class Workspace {
                               bool expert_parallel = false);
 
   const BatchShape& capacity() const { return capacity_; }
+  int64_t expert_group_tokens() const { return expert_group_tokens_; }
   Arena& activations() { return acts_; }
   Arena& scratch() { return scratch_; }
   // Routing counts of the last forward, one entry per MoE layer in layer order (expert-load statistics).
   const std::vector<MoeStats>& expert_load() const { return moe_stats; }
-  // Bytes of each MoE layer's growable expert-parallel buffers (moe.h), for memory reports.
-  std::vector<size_t> expert_parallel_bytes() const;
+  // Expert parallelism: the MoE layers' received rows and the exchange's transient rows (MoeConfig::expert_rows),
+  // sized for the worst case; its high_water() is what the routing used.
+  Arena& expert_rows() { return expert_rows_; }
 
  private:
   friend class Model;
   BatchShape capacity_;
-  Arena acts_, scratch_;
+  int64_t expert_group_tokens_;
+  Arena acts_, scratch_, expert_rows_;
   // Filled by forward, read by backward.
   bool ready_ = false;
   const BatchPlan* plan_ = nullptr;  // the forward's plan
@@ -144,6 +149,9 @@ class Model {
   void set_tensor_parallel(TensorParallel* tp);
   const TpLayout& tp_layout() const { return weights_.tp(); }
   bool expert_parallel() const { return exchange_ != nullptr; }
+  // Bytes of a workspace's expert-rows arena (moe_expert_rows_bytes of every MoE layer) when no rank of the
+  // expert-parallel group has more than max_tokens tokens; 0 without expert parallelism.
+  size_t expert_rows_bytes(int64_t max_tokens) const;
   const std::vector<ParamUnit>& units() const { return weights_.units(); }
 
   // Aux-loss-free load balancing: gives every MoE layer a router score bias (MoeWeights::score_bias), rows of

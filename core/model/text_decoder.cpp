@@ -58,6 +58,7 @@ AttentionConfig local_attention_config(const TextConfig& c, const TextContext& c
 MoeConfig local_moe_config(const TextConfig& c, const TextContext& ctx) {
   MoeConfig m = text_moe_config(c);
   m.exchange = ctx.expert_exchange;
+  m.expert_rows = ctx.expert_rows;
   if (ctx.tp != nullptr && ctx.tp_experts_split) m.expert_ffn /= ctx.tp->size();
   return m;
 }

@@ -45,6 +45,7 @@ struct TextContext {
   Tensor doc_real;    // i64 [D] real tokens at the start of each document; the rest is padding
   Tensor valid;       // u8 [N] 1 = real token
   ExpertExchange* expert_exchange = nullptr;  // expert parallelism of the MoE layers (moe.h), or none
+  Arena* expert_rows = nullptr;               // with expert_exchange: MoeConfig::expert_rows (the workspace's)
   // Tensor parallelism (tensor_parallel.h), or none: the layer weights are this rank's slices (tp_layout.h):
   // local query/key-value heads, dense MLP columns, and the experts' FFN columns when tp_experts_split.
   TensorParallel* tp = nullptr;

@@ -121,8 +121,8 @@ struct Result {
   MoeStats stats;
 };
 
-// One forward and backward of the rows of x through cfg (local or EP), into fresh outputs; saved belongs to the
-// caller so that a second step can run on the same buffers.
+// One forward and backward of the rows of x through cfg (local or EP, whose cfg.expert_rows the caller owns),
+// into fresh outputs.
 Result run_layer(TestMemory& m, const MoeConfig& cfg, const Layer& l, const Tensor& x, const Tensor& valid,
                  const Tensor& dy, const Tensor& aux_dprob, MoeSaved& saved) {
   const int64_t n = x.size(0);
@@ -175,10 +175,19 @@ void check_against_local(Comm& comm, const std::function<int64_t(int)>& tokens_o
   parallel::CommExpertExchange exchange(comm);
   MoeConfig cfg = base_config();
   cfg.exchange = &exchange;
+  // Sized for the group's largest token count: the worst case the layout allows (all rows to one rank's
+  // experts, as AllTokensToRankZerosExperts sends them) must fit.
+  int64_t group_tokens = 0;
+  for (int q = 0; q < P; ++q) group_tokens = std::max(group_tokens, tok.count(q));
+  Arena rows("moe ep rows", moe_expert_rows_bytes(cfg, group_tokens, 1));
+  cfg.expert_rows = &rows;
   const Layer layer = only_experts(m, ref_layer, me * El, El);
   MoeSaved saved;
   const Result got = run_layer(m, cfg, layer, tok.rows(tok.x, me), tok.rows(tok.valid, me), tok.rows(tok.dy, me),
                                tok.aux_dprob, saved);
+  // What stays is the received rows kept for the backward; the transient rows were handed back.
+  EXPECT_GE(rows.used(), sizeof(float) * static_cast<size_t>(saved.ep_rows * (H + 2 * I)));
+  if (saved.ep_rows > 0) EXPECT_LT(rows.used(), rows.high_water());
 
   const std::string at = "rank " + std::to_string(me) + " of " + std::to_string(P) + ": ";
   const int64_t first = tok.start[me] * H, n = tok.count(me) * H;
@@ -232,19 +241,22 @@ TEST(MoeExpertParallel, AllTokensToRankZerosExperts) {
 }
 
 // A one-rank group runs every expert here, through the exchange: the local path's numbers, and a second step
-// on the same MoeSaved repeats the first bit for bit without growing its buffers.
+// in the same arena repeats the first bit for bit taking the same bytes; an arena sized for fewer tokens is an
+// error naming it.
 TEST(MoeExpertParallel, GroupOfOneEqualsLocalPath) {
   TestMemory m;
   const Layer ref_layer = make_layer(m, false);
   const Tokens tok = make_tokens(m, 1, [](int) { return int64_t{13}; }, false);
   MoeSaved ref_saved;
   const Result ref = run_layer(m, base_config(), ref_layer, tok.x, tok.valid, tok.dy, tok.aux_dprob, ref_saved);
-  EXPECT_EQ(moe_expert_parallel_bytes(ref_saved), 0u);
+  EXPECT_FALSE(ref_saved.ep_x.defined());
 
   parallel::SelfComm self;
   parallel::CommExpertExchange exchange(self);
   MoeConfig cfg = base_config();
   cfg.exchange = &exchange;
+  Arena rows("moe ep rows", moe_expert_rows_bytes(cfg, 13, 1));
+  cfg.expert_rows = &rows;
   EXPECT_LT(moe_forward_arena_bytes(cfg, 13, DType::f32, true), moe_forward_arena_bytes(cfg, 13, DType::f32));
   const Layer layer = only_experts(m, ref_layer, 0, kExperts);
   MoeSaved saved;
@@ -257,16 +269,27 @@ TEST(MoeExpertParallel, GroupOfOneEqualsLocalPath) {
                layer.g.gate_up.numel());
   expect_close("d down", layer.g.down.data<float>(), ref_layer.g.down.data<float>(), layer.g.down.numel());
   EXPECT_EQ(saved.ep_rows, 13 * kTopK);
-  const size_t held = moe_expert_parallel_bytes(saved);
+  const size_t held = rows.high_water();
   EXPECT_GE(held, sizeof(float) * 13 * kTopK * (kHidden + 2 * kFfn));
 
+  rows.reset();  // as the workspace does at each forward
   const Layer again = only_experts(m, ref_layer, 0, kExperts);
   const Result second = run_layer(m, cfg, again, tok.x, tok.valid, tok.dy, tok.aux_dprob, saved);
-  EXPECT_EQ(moe_expert_parallel_bytes(saved), held);
+  EXPECT_EQ(rows.high_water(), held);
   EXPECT_EQ(max_abs_diff(second.y, got.y), 0.0);
   EXPECT_EQ(max_abs_diff(second.dx, got.dx), 0.0);
   EXPECT_EQ(max_abs_diff(again.g.gate_up, layer.g.gate_up), 0.0);
   EXPECT_EQ(max_abs_diff(again.g.down, layer.g.down), 0.0);
+
+  Arena small("moe ep rows for 5 tokens", moe_expert_rows_bytes(cfg, 5, 1));
+  cfg.expert_rows = &small;
+  MoeSaved too_many;
+  const Layer third = only_experts(m, ref_layer, 0, kExperts);
+  expect_error([&] { run_layer(m, cfg, third, tok.x, tok.valid, tok.dy, tok.aux_dprob, too_many); },
+               "the forward of 26 received rows need");
+  small.reset();
+  expect_error([&] { run_layer(m, cfg, third, tok.x, tok.valid, tok.dy, tok.aux_dprob, too_many); },
+               "arena 'moe ep rows for 5 tokens'");
 }
 
 // An exchange whose size does not divide E, and f64 weights, are refused before anything is sent.
@@ -306,11 +329,17 @@ TEST(MoeExpertParallel, RejectsIndivisibleExpertsNonF32AndLocalSaved) {
   const Tensor x64 = m.zeros({3, H}, DType::f64), y64 = m.zeros({3, H}, DType::f64);
   expect_error([&] { moe_forward(cfg, w64, x64, tok.valid, saved_arena, saved, y64, r.stats); }, "f32 only");
 
+  // Expert parallelism needs its rows arena.
+  expect_error([&] { moe_forward(cfg, l.w, tok.x, tok.valid, saved_arena, saved, r.y, r.stats); },
+               "expert parallelism needs MoeConfig::expert_rows");
+
   // A local forward's MoeSaved has no received rows for an expert-parallel backward.
+  Arena rows("moe ep rows", moe_expert_rows_bytes(cfg, 3, 1));
+  cfg.expert_rows = &rows;
   saved_arena.reset();
   moe_forward(base_config(), l.w, tok.x, tok.valid, saved_arena, saved, r.y, r.stats);
   expect_error([&] { moe_backward(cfg, l.w, tok.x, tok.valid, saved, tok.dy, Tensor(), r.dx, l.g, scratch); },
-               "saved.ep_counts holds 0 counts");
+               "saved has no expert-parallel counts");
 }
 
 }  // namespace
