@@ -106,6 +106,7 @@ ShardedParams::ShardedParams(Model& model, ProcessGrid& grid, Residency residenc
       grp.end_piece = pieces_.size();
     }
   }
+  for (const Piece& p : pieces_) piece_params_.push_back(p.param);
 }
 
 void ShardedParams::require_per_unit(const char* what) const {
@@ -160,11 +161,10 @@ void ShardedParams::reduce_gradients() {
 }
 
 void ShardedParams::parameters_updated() {
-  if (!resident()) return;
-  std::vector<const float*> values(pieces_.size());
-  for (size_t k = 0; k < pieces_.size(); ++k) values[k] = pieces_[k].param;
+  // One rank: the pieces are the weights themselves.
+  if (!resident() || owners_->size() == 1) return;
   const ParamStore& w = model_.weights();
-  gather_whole(values, [&](size_t spec) { return w.tensor(spec).data<float>(); });
+  gather_whole(piece_params_, [&](size_t spec) { return w.tensor(spec).data<float>(); });
 }
 
 void ShardedParams::gather_whole(const std::vector<const float*>& values,

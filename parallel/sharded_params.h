@@ -117,6 +117,7 @@ class ShardedParams final : public ParamUnitHooks {
   std::vector<float> weight_shard_, grad_shard_, staging_, received_;
   std::vector<Piece> pieces_;
   std::vector<int64_t> piece_at_;  // each piece's first element within its group's chunk
+  std::vector<const float*> piece_params_;  // pieces_[k].param, as gather_whole takes them
   Memory memory_;
 };
 
