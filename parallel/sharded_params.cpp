@@ -143,21 +143,27 @@ void ShardedParams::reduce_gradients() {
   }
   for (const Unit& u : units_) {
     for (const Group& grp : u.groups) {
-      const size_t chunk = static_cast<size_t>(grp.chunk), ranks = static_cast<size_t>(grp.comm->size());
-      if (ranks == 1) continue;  // the pieces are the whole gradients
-      // Padded to ranks x chunk; this rank receives the sum of its chunk, which is all its optimizer reads.
-      float* send = staging_.data();
-      int64_t at = 0;
-      for (const Part& p : grp.parts) {
-        std::memcpy(send + at, p.grad, 4 * static_cast<size_t>(p.numel));
-        at += p.numel;
-      }
-      std::fill(send + grp.total, send + chunk * ranks, 0.0f);
-      grp.comm->reduce_scatter_sum(std::span<const float>(send, chunk * ranks), std::span<float>(received_.data(), chunk));
+      if (grp.comm->size() == 1) continue;  // the pieces are the whole gradients
+      const float* mine = reduce_scatter_group(grp);
       for (size_t k = grp.first_piece; k < grp.end_piece; ++k)
-        std::memcpy(pieces_[k].grad, received_.data() + piece_at_[k], 4 * static_cast<size_t>(pieces_[k].numel));
+        std::memcpy(pieces_[k].grad, mine + piece_at_[k], 4 * static_cast<size_t>(pieces_[k].numel));
     }
   }
+}
+
+const float* ShardedParams::reduce_scatter_group(const Group& grp) {
+  // Padded to ranks x chunk; this rank receives the sum of its chunk, which is all its optimizer reads.
+  const size_t chunk = static_cast<size_t>(grp.chunk), ranks = static_cast<size_t>(grp.comm->size());
+  float* send = staging_.data();
+  int64_t at = 0;
+  for (const Part& p : grp.parts) {
+    std::memcpy(send + at, p.grad, 4 * static_cast<size_t>(p.numel));
+    at += p.numel;
+  }
+  std::fill(send + grp.total, send + chunk * ranks, 0.0f);
+  if (ranks == 1) return send;
+  grp.comm->reduce_scatter_sum(std::span<const float>(send, chunk * ranks), std::span<float>(received_.data(), chunk));
+  return received_.data();
 }
 
 void ShardedParams::parameters_updated() {
@@ -241,19 +247,8 @@ void ShardedParams::gradients_ready(int unit) {
   // The unit's gradients were written by its backward: count them until they are handed back.
   add_gathered(u.local_bytes);
   for (const Group& grp : u.groups) {
-    const size_t chunk = static_cast<size_t>(grp.chunk), ranks = static_cast<size_t>(grp.comm->size());
-    float* send = staging_.data();
-    int64_t at = 0;
-    for (const Part& p : grp.parts) {
-      std::memcpy(send + at, p.grad, 4 * static_cast<size_t>(p.numel));
-      at += p.numel;
-    }
-    std::fill(send + grp.total, send + chunk * ranks, 0.0f);
-    const float* mine = send;
-    if (ranks > 1) {
-      grp.comm->reduce_scatter_sum(std::span<const float>(send, chunk * ranks), std::span<float>(received_.data(), chunk));
-      mine = received_.data();
-    }
+    const size_t chunk = static_cast<size_t>(grp.chunk);
+    const float* mine = reduce_scatter_group(grp);
     float* shard = grad_shard_.data() + grp.shard_at;
     for (size_t k = 0; k < chunk; ++k) shard[k] += mine[k];
   }

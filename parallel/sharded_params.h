@@ -106,6 +106,8 @@ class ShardedParams final : public ParamUnitHooks {
     bool held = false;
   };
   void gather_group(const Group& g);
+  // Sums the group's gradients (the parts in the model's gradient store) over its ranks: this rank's chunk.
+  const float* reduce_scatter_group(const Group& g);
   void add_gathered(int64_t bytes);
   void require_per_unit(const char* what) const;
 

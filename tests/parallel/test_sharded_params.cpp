@@ -1,8 +1,9 @@
 // Resident sharding (parallel/sharded_params.h), the data-parallel layout of the one sharding mechanism, on every
 // rank of the mpiexec run and on one rank (SelfComm): this rank's pieces and the other ranks' cover every element
-// of a small MoE model exactly once; reduce_gradients leaves each piece the sum over ranks of the whole gradients;
-// parameters_updated gives every rank the elements their owners wrote; gather_whole assembles per-piece values
-// into whole tensors; on one rank the pieces are the model's tensors themselves; the per-unit hooks refuse to run.
+// of the tiny MoE test model (units of unequal sizes, experts included) exactly once; reduce_gradients leaves
+// each piece the sum over ranks of the whole gradients; parameters_updated gives every rank the elements their
+// owners wrote; gather_whole assembles per-piece values into whole tensors; on one rank the pieces are the
+// model's tensors themselves; the per-unit hooks refuse to run.
 //
 // The values are small integers (a few bits), so every sum over ranks is exact in fp32: results are compared for
 // equality.
@@ -13,12 +14,12 @@
 #include <vector>
 
 #include "core/check.h"
-#include "core/model/config.h"
 #include "core/model/model.h"
 #include "parallel/comm.h"
 #include "parallel/process_grid.h"
 #include "parallel/self_comm.h"
 #include "parallel/sharded_params.h"
+#include "tests/model/test_model_tiny.h"
 #include "tests/parallel/mpi_world.h"
 
 namespace q3vl::test {
@@ -27,49 +28,13 @@ namespace {
 using parallel::Residency;
 using parallel::ShardedParams;
 
-// Two text layers (one MoE, one dense) and a one-block vision tower: units of unequal sizes, experts included.
-ModelConfig small_moe_config() {
-  ModelConfig c;
-  TextConfig& t = c.text;
-  t.vocab_size = 40;
-  t.hidden_size = 16;
-  t.intermediate_size = 20;
-  t.num_hidden_layers = 2;
-  t.num_attention_heads = 4;
-  t.num_key_value_heads = 2;
-  t.head_dim = 4;
-  t.mrope_section = {1, 1, 0};
-  t.num_experts = 4;
-  t.num_experts_per_tok = 2;
-  t.moe_intermediate_size = 6;
-  t.mlp_only_layers = {1};
-  VisionConfig& v = c.vision;
-  v.depth = 1;
-  v.hidden_size = 8;
-  v.intermediate_size = 12;
-  v.num_heads = 2;
-  v.patch_size = 2;
-  v.temporal_patch_size = 2;
-  v.spatial_merge_size = 2;
-  v.in_channels = 3;
-  v.out_hidden_size = 16;
-  v.num_position_embeddings = 16;
-  v.deepstack_visual_indexes = {0};
-  c.image_token_id = 36;
-  c.video_token_id = 37;
-  c.vision_start_token_id = 38;
-  c.vision_end_token_id = 39;
-  c.validate();
-  return c;
-}
-
 // A small integer for element k of parameter `spec`, distinct enough that a misplaced element shows.
 float value_of(size_t spec, int64_t k, int salt) { return static_cast<float>((k * 7 + static_cast<int64_t>(spec) * 3 + salt) % 23 - 11); }
 
 void expect_resident_collectives(parallel::Comm& world) {
   const int ranks = world.size(), me = world.rank();
   parallel::ProcessGrid grid(world, parallel::GridShape{ranks, 1, 1, 1});
-  Model model(small_moe_config(), DType::f32);
+  Model model(tiny_config(true), DType::f32);
   model.init_weights(5);
   ShardedParams sharded(model, grid, Residency::resident);
   ASSERT_TRUE(sharded.resident());
@@ -133,7 +98,7 @@ TEST(ShardedParams, ResidentShardingOnOneRankStepsTheModelsOwnTensors) {
   expect_resident_collectives(self);
   // One rank: one piece per parameter, the whole tensor, in parameter order (what the optimizer steps).
   parallel::ProcessGrid grid(self, parallel::GridShape{});
-  Model model(small_moe_config(), DType::f32);
+  Model model(tiny_config(true), DType::f32);
   ShardedParams sharded(model, grid, Residency::resident);
   ASSERT_EQ(sharded.pieces().size(), model.weights().size());
   for (size_t i = 0; i < sharded.pieces().size(); ++i) {
