@@ -168,10 +168,14 @@ int run_plan(const std::vector<std::string>& args) {
               "tp = 1; EP buffers and all-to-all\n  with balanced routing; communication = bytes sent per rank and step "
               "(ring), one micro-batch, no vision TP\n");
   std::printf("per-rank memory (%s per rank)\n", batch_text.c_str());
-  print_row("weights (shard)", m.weight_shard);
-  print_row("gradients (shard)", m.grad_shard);
-  print_row("AdamW moments (shard)", m.adamw);
-  print_row("gathered (2 x weights + grads of largest unit)", m.gathered);
+  // Pure data parallelism keeps the weights resident (ZeRO-1): only AdamW is split, and what would be gathered
+  // units is the collectives' staging.
+  const bool resident = l.fsdp * l.ep * l.tp == 1;
+  print_row(resident ? "weights (whole, every rank)" : "weights (shard)", m.weight_shard);
+  print_row(resident ? "gradients (whole, every rank)" : "gradients (shard)", m.grad_shard);
+  print_row(resident ? "AdamW moments (split over dp)" : "AdamW moments (shard)", m.adamw);
+  print_row(resident ? "staging (dp + 1 chunks of the largest unit)" : "gathered (2 x weights + grads of largest unit)",
+            m.gathered);
   print_row("activations (tp = 1)", m.activations);
   print_row("scratch (tp = 1)", m.scratch);
   print_row("EP received rows kept for the backward", m.ep_buffers);
@@ -184,7 +188,7 @@ int run_plan(const std::vector<std::string>& args) {
   print_row("FSDP reduce-scatter (gradients)", comm.reduce_scatter);
   print_row("EP all-to-all (dispatch + combine, fwd + bwd)", comm.alltoall);
   print_row("TP all-reduce", comm.tp_allreduce);
-  print_row("DP all-reduce (gradient shard)", comm.dp_allreduce);
+  print_row(resident ? "DP reduce-scatter + all-gather (ZeRO-1)" : "DP all-reduce (gradient shard)", comm.dp_allreduce);
   print_row("total", comm.total());
 
   const nlohmann::ordered_json j = {
