@@ -170,7 +170,7 @@ int run_plan(const std::vector<std::string>& args) {
   std::printf("per-rank memory (%s per rank)\n", batch_text.c_str());
   // Pure data parallelism keeps the weights resident (ZeRO-1): only AdamW is split, and what would be gathered
   // units is the collectives' staging.
-  const bool resident = l.fsdp * l.ep * l.tp == 1;
+  const bool resident = l.data_parallel_only();
   print_row(resident ? "weights (whole, every rank)" : "weights (shard)", m.weight_shard);
   print_row(resident ? "gradients (whole, every rank)" : "gradients (shard)", m.grad_shard);
   print_row(resident ? "AdamW moments (split over dp)" : "AdamW moments (shard)", m.adamw);

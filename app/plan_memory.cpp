@@ -93,7 +93,7 @@ PlanMemory plan_memory(const ModelConfig& c, const PlanLayoutArgs& l, const Batc
   m.grad_shard = kF32 * p.stored;
   m.adamw = 2 * kF32 * p.stored;
   m.gathered = (2 + 1) * kF32 * p.largest_unit;
-  if (l.fsdp * l.ep * l.tp == 1) {
+  if (l.data_parallel_only()) {
     // Resident sharding (pure data parallelism): each unit is one group split over the dp ranks for AdamW only;
     // the reduce-scatter and all-gather stage dp + 1 chunks of the largest unit.
     int64_t moments = 0, largest_chunk = 0;

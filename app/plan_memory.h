@@ -41,6 +41,7 @@ namespace q3vl::app {
 struct PlanLayoutArgs {
   int64_t dp = 1, fsdp = 1, ep = 1, tp = 1;
   int64_t world() const { return dp * fsdp * ep * tp; }
+  bool data_parallel_only() const { return fsdp * ep * tp == 1; }  // whole weights on every rank (ZeRO-1)
   int64_t data_parallel() const { return dp * fsdp * ep; }   // distinct token streams
   int64_t dense_shard_group() const { return fsdp * ep; }    // ranks sharding a unit's non-expert parameters
   int64_t expert_shard_group() const { return fsdp; }        // ranks sharding the same local experts

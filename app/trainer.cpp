@@ -152,7 +152,7 @@ void Trainer::Impl::build_model() {
                                                              : *cfg.model.config);
   if (cfg.model.router_aux_loss_coef) mc.text.router_aux_loss_coef = *cfg.model.router_aux_loss_coef;
   const ParallelSection& par = cfg.parallel;
-  if (par.fsdp * par.ep * par.tp == 1) {
+  if (grid->shape().data_parallel_only()) {
     // Pure data parallelism: the whole model on every rank, the optimizer's elements split over the ranks.
     std::unique_ptr<Model> loaded;  // an HF checkpoint, whole
     if (cfg.model.checkpoint) loaded = io::load_hf_model(*cfg.model.checkpoint);

@@ -1,7 +1,7 @@
 // The trainer's checkpoints (trainer_impl.h): saving whole-tensor checkpoints (resident sharding, every rank holds
-// the whole model: rank 0 writes, the AdamW moments gathered from the ranks' pieces) and sharded ones (each rank of replica 0 writes
-// its pieces), and resuming from either format in any layout, with the trainer state (step, loader position,
-// counters, router bias) in trainer_state.json.
+// the whole model: rank 0 writes, the AdamW moments gathered from the ranks' pieces) and sharded ones (each rank
+// of replica 0 writes its pieces), and resuming from either format in any layout, with the trainer state (step,
+// loader position, counters, router bias) in trainer_state.json.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>

@@ -19,6 +19,8 @@ namespace q3vl::parallel {
 struct GridShape {
   int dp = 1, fsdp = 1, ep = 1, tp = 1;
   int world() const { return dp * fsdp * ep * tp; }
+  // Pure data parallelism: every rank holds the whole model (resident sharding, sharded_params.h).
+  bool data_parallel_only() const { return fsdp * ep * tp == 1; }
   std::string str() const;  // "dp 1 x fsdp 2 x ep 2 x tp 1"
 };
 

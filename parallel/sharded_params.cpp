@@ -23,7 +23,7 @@ ShardedParams::ShardedParams(Model& model, ProcessGrid& grid, Residency residenc
   Q3VL_CHECK(model.dtype() == DType::f32, kWhere, ": the model must be f32, not ", dtype_name(model.dtype()));
   const GridShape& shape = grid.shape();
   const bool keep = resident();
-  Q3VL_CHECK(!keep || shape.fsdp * shape.ep * shape.tp == 1, kWhere,
+  Q3VL_CHECK(!keep || shape.data_parallel_only(), kWhere,
              ": resident parameters are for pure data parallelism (fsdp = ep = tp = 1), not fsdp ", shape.fsdp,
              ", ep ", shape.ep, ", tp ", shape.tp);
   // Resident: the dp ranks split the optimizer's elements and sum the gradients themselves; per unit: the

@@ -75,18 +75,38 @@ Blocks lay_out(const ExpertExchange& ex, int64_t E, const int64_t* offsets, cons
 
 int64_t index_size(int64_t E, int ranks) { return 2 * E + 2 * ranks; }
 
-// Floats per received row of each direction's transient rows: forward arrived x, activations and outputs
-// (2H + I); backward arrived and expert-major dy with the routing weight (W = H + 1 each), d act and d gate_up.
-int64_t transient_row_floats(const MoeConfig& c) {
-  const int64_t H = c.hidden, I = c.expert_ffn;
-  return std::max(2 * H + I, 2 * (H + 1) + 3 * I);
+// What the expert-rows arena holds, described once (core/arena_layout.h) for sizing and carving. Each layer keeps
+// its counts and blocks' layout (carved before the count exchange: the last E entries of the layout carry the
+// counts this rank sends) and then its M received rows for the backward; each direction borrows its transient
+// rows after them.
+template <class Carve>
+void kept_counts(const MoeConfig& c, int P, MoeSaved& s, Carve&& carve) {
+  s.ep_counts = carve({c.num_experts}, DType::i64);
+  s.ep_blocks = carve({index_size(c.num_experts, P) + c.num_experts}, DType::i64);
 }
-
-// The rows one layer keeps for its backward when M rows arrive, and its layout indices.
-size_t layer_rows_bytes(const MoeConfig& c, int P, int64_t M) {
-  const int64_t E = c.num_experts, H = c.hidden, I = c.expert_ffn;
-  return arena_bytes(E, DType::i64) + arena_bytes(index_size(E, P) + E, DType::i64) + arena_bytes(M * H, DType::f32) +
-         arena_bytes(M * 2 * I, DType::f32);
+template <class Carve>
+void kept_rows(const MoeConfig& c, int64_t M, MoeSaved& s, Carve&& carve) {
+  s.ep_x = carve({M, c.hidden}, DType::f32);
+  s.ep_gate_up_out = carve({M, 2 * c.expert_ffn}, DType::f32);
+}
+// Forward: the arrived x rows (overwritten by the outputs sent back), the SwiGLU activations, the expert outputs.
+struct ForwardRows {
+  Tensor arrived, act, out;
+};
+template <class Carve>
+ForwardRows forward_rows(const MoeConfig& c, int64_t M, Carve&& carve) {
+  return {carve({M, c.hidden}, DType::f32), carve({M, c.expert_ffn}, DType::f32), carve({M, c.hidden}, DType::f32)};
+}
+// Backward: rows of dy and the routing weight (W = H + 1) as they arrive and expert-major (overwritten by d x and
+// d weight), d act and d gate_up_out.
+struct BackwardRows {
+  Tensor arrived, grouped, grad_act, dh;
+};
+template <class Carve>
+BackwardRows backward_rows(const MoeConfig& c, int64_t M, Carve&& carve) {
+  const int64_t W = c.hidden + 1;
+  return {carve({M, W}, DType::f32), carve({M, W}, DType::f32), carve({M, c.expert_ffn}, DType::f32),
+          carve({M, 2 * c.expert_ffn}, DType::f32)};
 }
 
 // The expert-rows arena must hold `bytes` more: otherwise the error says why (a rank of the group has more
@@ -138,9 +158,7 @@ void expert_parallel_forward(const MoeConfig& cfg, const MoeWeights& w, const fl
   ExpertExchange& ex = *cfg.exchange;
   Arena& arena = *cfg.expert_rows;
   const int64_t E = cfg.num_experts, H = cfg.hidden, I = cfg.expert_ffn, K = cfg.top_k;
-  require_room(cfg, "the counts", 0, layer_rows_bytes(cfg, ex.size(), 0));
-  saved.ep_counts = Tensor::empty(arena, {E}, DType::i64);
-  saved.ep_blocks = Tensor::empty(arena, {index_size(E, ex.size()) + E}, DType::i64);
+  kept_counts(cfg, ex.size(), saved, ArenaCarver(arena));
   int64_t* index = saved.ep_blocks.data<int64_t>();
   // The last E entries carry the counts this rank sends: rows for each global expert.
   int64_t* send_counts = index + index_size(E, ex.size());
@@ -150,17 +168,21 @@ void expert_parallel_forward(const MoeConfig& cfg, const MoeWeights& w, const fl
   const Blocks b = lay_out(ex, E, offsets, counts, index);
   const int64_t M = b.received, El = b.local_experts;
   saved.ep_rows = M;
-  require_room(cfg, "the forward", M,
-               arena_bytes(M * H, DType::f32) + arena_bytes(M * 2 * I, DType::f32) +
-                   arena_bytes(M * transient_row_floats(cfg), DType::f32));
-  saved.ep_x = Tensor::empty(arena, {M, H}, DType::f32);
-  saved.ep_gate_up_out = Tensor::empty(arena, {M, 2 * I}, DType::f32);
+  {
+    ArenaSizer need;
+    MoeSaved sizing;
+    kept_rows(cfg, M, sizing, need);
+    forward_rows(cfg, M, need);
+    require_room(cfg, "the forward", M, need.bytes());
+  }
+  kept_rows(cfg, M, saved, ArenaCarver(arena));
   float* xr = saved.ep_x.data<float>();
   float* h = saved.ep_gate_up_out.data<float>();
   const size_t transient = arena.mark();
-  float* arrived = static_cast<float*>(arena.allocate(sizeof(float) * static_cast<size_t>(M * (2 * H + I))));
-  float* act = arrived + M * H;
-  float* out = act + M * I;
+  const ForwardRows fr = forward_rows(cfg, M, ArenaCarver(arena));
+  float* arrived = fr.arrived.data<float>();
+  float* act = fr.act.data<float>();
+  float* out = fr.out.data<float>();
   const std::span<const int64_t> send_rows(b.send_rows, b.ranks), recv_rows(b.recv_rows, b.ranks);
 
 #pragma omp parallel for schedule(static)
@@ -195,12 +217,17 @@ void expert_parallel_backward(const MoeConfig& cfg, const MoeWeights& w, const f
   const int64_t M = b.received, El = b.local_experts;
   const float* xr = saved.ep_x.data<float>();
   const float* h = saved.ep_gate_up_out.data<float>();
-  require_room(cfg, "the backward", M, arena_bytes(M * transient_row_floats(cfg), DType::f32));
+  {
+    ArenaSizer need;
+    backward_rows(cfg, M, need);
+    require_room(cfg, "the backward", M, need.bytes());
+  }
   const size_t transient = arena.mark();
-  float* arrived = static_cast<float*>(arena.allocate(sizeof(float) * static_cast<size_t>(M * (2 * W + 3 * I))));
-  float* grouped = arrived + M * W;
-  float* grad_act = grouped + M * W;
-  float* dh = grad_act + M * I;
+  const BackwardRows br = backward_rows(cfg, M, ArenaCarver(arena));
+  float* arrived = br.arrived.data<float>();
+  float* grouped = br.grouped.data<float>();
+  float* grad_act = br.grad_act.data<float>();
+  float* dh = br.dh.data<float>();
   const std::span<const int64_t> send_rows(b.send_rows, b.ranks), recv_rows(b.recv_rows, b.ranks);
 
   // Row i: dy of its token, then its routing weight.
@@ -245,8 +272,13 @@ size_t moe_expert_rows_bytes(const MoeConfig& cfg, int64_t max_tokens, int moe_l
              moe_layers, " must be >= 0");
   const int P = cfg.exchange->size();
   const int64_t worst_rows = P * max_tokens * std::min(cfg.top_k, cfg.num_experts / P);
-  return static_cast<size_t>(moe_layers) * moe_detail::layer_rows_bytes(cfg, P, worst_rows) +
-         arena_bytes(worst_rows * moe_detail::transient_row_floats(cfg), DType::f32);
+  ArenaSizer layer, forward, backward;
+  MoeSaved sizing;
+  moe_detail::kept_counts(cfg, P, sizing, layer);
+  moe_detail::kept_rows(cfg, worst_rows, sizing, layer);
+  moe_detail::forward_rows(cfg, worst_rows, forward);
+  moe_detail::backward_rows(cfg, worst_rows, backward);
+  return static_cast<size_t>(moe_layers) * layer.bytes() + std::max(forward.bytes(), backward.bytes());
 }
 
 }  // namespace q3vl
