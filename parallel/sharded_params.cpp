@@ -179,8 +179,7 @@ void ShardedParams::gather_whole(const std::vector<const float*>& values,
              values.size());
   for (const Unit& u : units_) {
     for (const Group& grp : u.groups) {
-      const size_t chunk = static_cast<size_t>(grp.chunk), ranks = static_cast<size_t>(grp.comm->size());
-      if (ranks == 1) {
+      if (grp.comm->size() == 1) {
         // One rank's pieces are its parts, whole: copy unless they already are the destination.
         for (size_t k = grp.first_piece; k < grp.end_piece; ++k) {
           float* to = whole(pieces_[k].spec) + pieces_[k].offset;
@@ -189,15 +188,10 @@ void ShardedParams::gather_whole(const std::vector<const float*>& values,
         continue;
       }
       float* mine = received_.data();
-      std::fill_n(mine, chunk, 0.0f);
+      std::fill_n(mine, grp.chunk, 0.0f);
       for (size_t k = grp.first_piece; k < grp.end_piece; ++k)
         std::memcpy(mine + piece_at_[k], values[k], 4 * static_cast<size_t>(pieces_[k].numel));
-      grp.comm->all_gather(std::span<const float>(mine, chunk), std::span<float>(staging_.data(), chunk * ranks));
-      int64_t at = 0;
-      for (const Part& p : grp.parts) {
-        std::memcpy(whole(p.spec) + p.offset, staging_.data() + at, 4 * static_cast<size_t>(p.numel));
-        at += p.numel;
-      }
+      gather_group(grp, mine, whole);
     }
   }
 }
@@ -207,9 +201,8 @@ void ShardedParams::add_gathered(int64_t bytes) {
   memory_.gathered_peak = std::max(memory_.gathered_peak, memory_.gathered);
 }
 
-void ShardedParams::gather_group(const Group& grp) {
+void ShardedParams::gather_group(const Group& grp, const float* mine, const std::function<float*(size_t spec)>& whole) {
   const size_t chunk = static_cast<size_t>(grp.chunk), ranks = static_cast<size_t>(grp.comm->size());
-  const float* mine = weight_shard_.data() + grp.shard_at;
   const float* full = mine;
   if (ranks > 1) {
     // The chunk beyond hi is padding: its content never reaches a part.
@@ -218,7 +211,7 @@ void ShardedParams::gather_group(const Group& grp) {
   }
   int64_t at = 0;
   for (const Part& p : grp.parts) {
-    std::memcpy(p.weight, full + at, 4 * static_cast<size_t>(p.numel));
+    std::memcpy(whole(p.spec) + p.offset, full + at, 4 * static_cast<size_t>(p.numel));
     at += p.numel;
   }
 }
@@ -227,7 +220,9 @@ void ShardedParams::acquire(int unit) {
   require_per_unit("acquire");
   Unit& u = units_.at(static_cast<size_t>(unit));
   Q3VL_CHECK(!u.held, kWhere, ": unit '", model_.units()[unit].name, "' acquired twice");
-  for (const Group& grp : u.groups) gather_group(grp);
+  const ParamStore& w = model_.weights();
+  for (const Group& grp : u.groups)
+    gather_group(grp, weight_shard_.data() + grp.shard_at, [&](size_t spec) { return w.tensor(spec).data<float>(); });
   u.held = true;
   add_gathered(u.local_bytes);
 }

@@ -105,7 +105,8 @@ class ShardedParams final : public ParamUnitHooks {
     int64_t local_bytes = 0;  // weight bytes of this rank's parts (the store bytes a gather fills)
     bool held = false;
   };
-  void gather_group(const Group& g);
+  // All-gathers the group's chunks (this rank's: `mine`) and writes each part to whole(spec) + its offset.
+  void gather_group(const Group& g, const float* mine, const std::function<float*(size_t spec)>& whole);
   // Sums the group's gradients (the parts in the model's gradient store) over its ranks: this rank's chunk.
   const float* reduce_scatter_group(const Group& g);
   void add_gathered(int64_t bytes);
